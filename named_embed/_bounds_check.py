@@ -1,0 +1,133 @@
+"""The ``out_of_range="error"`` check: eager, jitted and checkified.
+
+One primitive, ``named_embed_check_ids``, returns its integer input unchanged
+and fails when an id lies outside ``[0, vocab_size)``:
+
+- called on concrete arrays (eagerly) it raises `IndexError` at once;
+- lowered inside `jax.jit` it compiles for any ids; at run time a device-side
+  ``any(bad)`` guards a host callback that raises the same `IndexError`
+  (surfacing as a JAX runtime error), so valid ids never leave the device;
+- under `jax.experimental.checkify.checkify` it becomes a functionalised
+  check (a ``FailedCheckError`` naming the first offending id and position).
+
+The checkify rule uses ``jax._src.checkify``'s rule table, the only way to
+give a primitive a checkify rule; it is registered when that module exists.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import io_callback
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+MAX_REPORTED = 8
+"""How many offending ids an error message lists."""
+
+
+def out_of_range_message(ids: np.ndarray, vocab_size: int) -> str | None:
+  """Describes the ids of ``ids`` outside ``[0, vocab_size)``, or None."""
+  ids = np.asarray(ids)
+  bad = (ids < 0) | (ids >= vocab_size)
+  count = int(bad.sum())
+  if not count:
+    return None
+  positions = np.argwhere(bad)[:MAX_REPORTED]
+  listed = ", ".join(
+    f"id {int(ids[tuple(p)])} at position {tuple(int(i) for i in p)}"
+    for p in positions
+  )
+  more = f" and {count - len(positions)} more" if count > len(positions) else ""
+  return (
+    f"{count} token id(s) outside the vocabulary [0, {vocab_size})"
+    f' under out_of_range="error": {listed}{more}. Use out_of_range="fill",'
+    ' "clip" or "wrap" to accept such ids.'
+  )
+
+
+def raise_if_out_of_range(ids: np.ndarray, vocab_size: int) -> None:
+  """Raises `IndexError` naming the offending ids and their positions."""
+  message = out_of_range_message(ids, vocab_size)
+  if message is not None:
+    raise IndexError(message)
+
+
+def _host_check(ids: np.ndarray, *, vocab_size: int) -> np.ndarray:
+  raise_if_out_of_range(ids, vocab_size)
+  return ids
+
+
+check_ids_p = Primitive("named_embed_check_ids")
+
+
+def check_ids(ids: jax.Array, vocab_size: int) -> jax.Array:
+  """Returns ``ids``; fails (see the module docstring) on out-of-range ids."""
+  return check_ids_p.bind(ids, vocab_size=vocab_size)
+
+
+def _impl(ids, *, vocab_size):
+  raise_if_out_of_range(np.asarray(ids), vocab_size)
+  return ids
+
+
+def _runtime_check(ids, *, vocab_size):
+  def fail(ids):
+    shape = jax.ShapeDtypeStruct(ids.shape, ids.dtype)
+    return io_callback(
+      lambda x: _host_check(x, vocab_size=vocab_size), shape, ids
+    )
+
+  bad = (ids < 0) | (ids >= vocab_size)
+  return lax.cond(jnp.any(bad), fail, lambda ids: ids, ids)
+
+
+check_ids_p.def_impl(_impl)
+check_ids_p.def_abstract_eval(lambda ids, *, vocab_size: ids)
+mlir.register_lowering(
+  check_ids_p, mlir.lower_fun(_runtime_check, multiple_results=False)
+)
+ad.primitive_jvps[check_ids_p] = lambda primals, tangents, **params: (
+  check_ids_p.bind(*primals, **params),
+  tangents[0],
+)
+batching.primitive_batchers[check_ids_p] = lambda args, dims, **params: (
+  check_ids_p.bind(*args, **params),
+  dims[0],
+)
+
+
+def _register_checkify_rule() -> None:
+  try:
+    from jax._src import checkify as checkify_internals
+  except ImportError:  # pragma: no cover - depends on the jax version
+    return
+
+  def rule(error, enabled_errors, ids, *, vocab_size):
+    wanted = {checkify_internals.FailedCheckError, checkify_internals.OOBError}
+    if not wanted & set(enabled_errors):
+      return error, ids
+    bad = (ids < 0) | (ids >= vocab_size)
+    first = jnp.argmax(bad.reshape(-1))
+    position = jnp.stack(jnp.unravel_index(first, ids.shape)) if ids.ndim else (
+      jnp.zeros((0,), jnp.int32)
+    )
+    new_error = checkify_internals.FailedCheckError(
+      checkify_internals.get_traceback(),
+      "{count} token id(s) outside the vocabulary [0, "
+      + str(vocab_size)
+      + ') under out_of_range="error"; the first is id {id} at position'
+      " {position}",
+      count=jnp.sum(bad),
+      id=ids.reshape(-1)[first],
+      position=position,
+    )
+    return checkify_internals.assert_func(error, jnp.any(bad), new_error), ids
+
+  checkify_internals.error_checks[check_ids_p] = rule
+
+
+_register_checkify_rule()

@@ -1,0 +1,168 @@
+"""The row-gathering kernel and its gradient rules, on raw arrays.
+
+Every lookup (and, later, every pooled lookup) goes through `gather_rows`:
+out-of-range policy, padding row, ``max_norm`` and ``scale_grad_by_freq``
+are written once, here. Layout: ``table`` is ``[V, *embedding]``, ``ids`` has
+any shape, the result is ``[*ids.shape, *embedding]`` (token axes first, as
+``jnp.take`` gives; no transpose of the table, ever).
+
+How each rule costs no more than its own arithmetic:
+
+- ids are first mapped to in-range ``safe`` ids, so the gather itself runs
+  with ``mode="promise_in_bounds"`` (the fastest formulation, and the one
+  whose gradient is a plain scatter-add);
+- ``"fill"`` adds one select on the output (NaN rows; the select's transpose
+  keeps their gradient away from the table);
+- padding and ``scale_grad_by_freq`` only reweight the *gradient*: a
+  custom_vjp that is the identity forwards and multiplies the cotangent by
+  a per-token weight backwards;
+- ``max_norm`` scales rows forwards and passes the cotangent through
+  unchanged backwards (torch's renorm happens outside autograd).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from named_embed import _bounds_check, _norms
+
+OUT_OF_RANGE_POLICIES = ("fill", "clip", "wrap", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPolicy:
+  """Static configuration of a lookup (hashable: a jit cache key).
+
+  Attributes:
+    out_of_range: One of `OUT_OF_RANGE_POLICIES`.
+    padding_index: Row that receives no gradient, in ``[0, V)``, or None.
+    max_norm: Renorm bound, or None.
+    norm_type: p of the renorm p-norm.
+    scale_grad_by_freq: Divide each row's gradient by its count.
+    dtype: Compute dtype of the returned rows, or None for the table's.
+    frozen: Stop the table's gradient.
+    runtime_check: Check ids inside the kernel (``"error"`` on traced ids).
+  """
+
+  out_of_range: str = "fill"
+  padding_index: int | None = None
+  max_norm: float | None = None
+  norm_type: float = 2.0
+  scale_grad_by_freq: bool = False
+  dtype: np.dtype | None = None
+  frozen: bool = False
+  runtime_check: bool = False
+
+
+def safe_ids(
+  ids: jax.Array, vocab_size: int, policy: RowPolicy
+) -> tuple[jax.Array, jax.Array | None]:
+  """Maps ``ids`` into ``[0, V)`` by the policy; returns ``(safe, valid)``.
+
+  ``valid`` is None unless the policy is ``"fill"``, where it marks the ids
+  that were already in range.
+  """
+  mode = policy.out_of_range
+  if mode == "fill":
+    valid = (ids >= 0) & (ids < vocab_size)
+    return jnp.where(valid, ids, jnp.zeros_like(ids)), valid
+  if mode == "wrap":
+    return jnp.remainder(ids, vocab_size), None
+  if mode == "error" and policy.runtime_check:
+    ids = _bounds_check.check_ids(ids, vocab_size)
+  # "clip", and "error" (clamping keeps a checkified call in bounds).
+  return jnp.clip(ids, 0, vocab_size - 1), None
+
+
+@jax.custom_vjp
+def _scale_gradient(rows: jax.Array, weight: jax.Array) -> jax.Array:
+  """Identity on ``rows``; multiplies the cotangent by ``weight`` per token."""
+  del weight
+  return rows
+
+
+def _scale_gradient_fwd(rows, weight):
+  return rows, weight
+
+
+def _scale_gradient_bwd(weight, g):
+  expanded = weight.reshape(weight.shape + (1,) * (g.ndim - weight.ndim))
+  accumulate = _norms.accumulation_dtype(g.dtype)
+  scaled = g.astype(accumulate) * expanded.astype(accumulate)
+  return scaled.astype(g.dtype), jnp.zeros_like(weight)
+
+
+_scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _renorm_straight_through(rows, max_norm, norm_type, n_token_axes):
+  """Rows scaled down to ``max_norm``; gradient as if unscaled."""
+  scale = _norms.renorm_scale(rows, max_norm, norm_type, n_token_axes)
+  return (rows.astype(scale.dtype) * scale).astype(rows.dtype)
+
+
+def _renorm_fwd(rows, max_norm, norm_type, n_token_axes):
+  return _renorm_straight_through(rows, max_norm, norm_type, n_token_axes), None
+
+
+def _renorm_bwd(max_norm, norm_type, n_token_axes, residual, g):
+  del max_norm, norm_type, n_token_axes, residual
+  return (g,)
+
+
+_renorm_straight_through.defvjp(_renorm_fwd, _renorm_bwd)
+
+
+def _gradient_weight(
+  safe: jax.Array, vocab_size: int, policy: RowPolicy
+) -> jax.Array | None:
+  """Per-token gradient weight: 0 on the padding row, 1/count by frequency."""
+  weight = None
+  if policy.scale_grad_by_freq:
+    counts = jnp.zeros((vocab_size,), jnp.int32).at[safe].add(1)
+    weight = 1.0 / counts[safe].astype(jnp.float32)
+  if policy.padding_index is not None:
+    keep = safe != policy.padding_index
+    if weight is None:
+      weight = keep.astype(jnp.float32)
+    else:
+      weight = jnp.where(keep, weight, jnp.zeros_like(weight))
+  return weight
+
+
+def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
+  """Looks up ``ids`` in ``table`` (``[V, *embedding]``) under ``policy``."""
+  vocab_size = table.shape[0]
+  if policy.frozen:
+    table = jax.lax.stop_gradient(table)
+  safe, valid = safe_ids(ids, vocab_size, policy)
+  out_shape = ids.shape + table.shape[1:]
+  if vocab_size == 1:
+    # Broadcast instead of gather: the backward pass is a sum, not a scatter.
+    rows = jnp.broadcast_to(table[0], out_shape)
+  else:
+    rows = table.at[safe].get(mode="promise_in_bounds")
+  if policy.max_norm is not None:
+    rows = _renorm_straight_through(
+      rows, policy.max_norm, policy.norm_type, ids.ndim
+    )
+  weight = _gradient_weight(safe, vocab_size, policy)
+  if weight is not None:
+    rows = _scale_gradient(rows, weight)
+  if valid is not None:
+    mask = valid.reshape(valid.shape + (1,) * (rows.ndim - valid.ndim))
+    rows = jnp.where(mask, rows, jnp.full((), jnp.nan, rows.dtype))
+  if policy.dtype is not None:
+    rows = rows.astype(policy.dtype)
+  return rows
+
+
+gather_rows_jit = jax.jit(gather_rows, static_argnames="policy")
+"""`gather_rows` compiled once per (shapes, policy): inlined under an outer
+`jax.jit`, a cached executable when called eagerly."""

@@ -1,0 +1,255 @@
+"""`EmbeddingDecode` and `decode`: vectors to vocabulary logits, by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from named_embed import _named
+from named_embed.table import EmbeddingTable, check_float_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePolicy:
+  """Static configuration of a decode (hashable: a jit cache key)."""
+
+  subscripts: str
+  soft_cap: float | None = None
+  dtype: np.dtype | None = None
+  frozen: bool = False
+
+
+@functools.lru_cache(maxsize=256)
+def decode_options(soft_cap: Any = None, dtype: Any = None):
+  """Validates decode options once per distinct combination.
+
+  Raises:
+    ValueError: for a non-positive ``soft_cap``.
+    TypeError: for options of the wrong type.
+  """
+  if soft_cap is not None:
+    if isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float)):
+      raise TypeError(f"`soft_cap` must be a number or None, got {soft_cap!r}.")
+    if not (soft_cap > 0 and math.isfinite(soft_cap)):
+      raise ValueError(
+        f"`soft_cap` must be positive and finite, got {soft_cap}."
+      )
+    soft_cap = float(soft_cap)
+  if dtype is not None:
+    dtype = check_float_dtype("dtype", dtype)
+  return soft_cap, dtype
+
+
+@functools.lru_cache(maxsize=1024)
+def _subscripts(n_positional: int, hidden_named: tuple, embedding: tuple):
+  """einsum subscripts: hidden ``[*pos, *named]`` x table ``[V, *embedding]``."""
+  letters = iter(string.ascii_letters)
+  vocab = next(letters)
+  pos = "".join(next(letters) for _ in range(n_positional))
+  named = {name: next(letters) for name in hidden_named}
+  table = vocab + "".join(named[name] for name in embedding)
+  batch = "".join(named[n] for n in hidden_named if n not in embedding)
+  hidden = pos + "".join(named.values())
+  return f"{hidden},{table}->{pos}{batch}{vocab}"
+
+
+def joint_dtype(hidden_dtype: Any, table_dtype: Any) -> np.dtype:
+  """The dtype both operands are cast to (JAX's standard promotion, whatever
+  the global `jax_numpy_dtype_promotion` mode)."""
+  with jax.numpy_dtype_promotion("standard"):
+    return np.dtype(jnp.promote_types(hidden_dtype, table_dtype))
+
+
+def _decode_kernel(hidden, table, policy: DecodePolicy):
+  if policy.frozen:
+    table = jax.lax.stop_gradient(table)
+  dtype = policy.dtype
+  logits = jnp.einsum(
+    policy.subscripts, hidden.astype(dtype), table.astype(dtype)
+  )
+  if policy.soft_cap is not None:
+    cap = jnp.asarray(policy.soft_cap, logits.dtype)
+    logits = cap * jnp.tanh(logits / cap)
+  return logits
+
+
+_decode_jit = jax.jit(_decode_kernel, static_argnames="policy")
+
+
+def check_hidden(
+  table: EmbeddingTable, hidden: Any, caller: str
+) -> pz.nx.NamedArray:
+  """Checks that ``hidden`` holds the table's embedding axes; returns it in
+  positional-prefix layout.
+
+  Raises:
+    TypeError: if ``hidden`` is not a `NamedArray`.
+    ValueError: for a missing embedding axis, a size mismatch, or a clash
+      with the vocabulary axis.
+  """
+  embedding_axes = table.embedding_axes
+  if not isinstance(hidden, pz.nx.NamedArrayBase):
+    raise TypeError(
+      f"named_embed.{caller} expects a NamedArray holding the embedding axes"
+      f" {embedding_axes}; got {type(hidden).__name__} of shape"
+      f" {getattr(hidden, 'shape', None)}. Name its axes first, e.g."
+      f" `pz.nx.wrap(x).tag(..., {', '.join(map(repr, embedding_axes))})`."
+    )
+  given = dict(hidden.named_shape)
+  missing = [name for name in embedding_axes if name not in given]
+  if missing:
+    raise ValueError(
+      f"named_embed.{caller}: the input lacks embedding axis/axes {missing};"
+      f" expected all of {embedding_axes}, got axes {given}."
+    )
+  wrong = {n: given[n] for n in embedding_axes if given[n] != embedding_axes[n]}
+  if wrong:
+    raise ValueError(
+      f"named_embed.{caller}: embedding axis sizes {wrong} of the input do not"
+      f" match the table's {embedding_axes} (input axes {given})."
+    )
+  if table.vocabulary_axis in given:
+    raise ValueError(
+      f"named_embed.{caller}: the input already has the vocabulary axis"
+      f" {table.vocabulary_axis!r} (input axes {given}); the output adds it."
+    )
+  return _named.as_prefix_layout(hidden)
+
+
+def decode(
+  table: EmbeddingTable,
+  hidden: pz.nx.NamedArrayBase,
+  *,
+  soft_cap: float | None = None,
+  dtype: jax.typing.DTypeLike | None = None,
+) -> pz.nx.NamedArray:
+  """Vocabulary logits of ``hidden``; the functional form of `EmbeddingDecode`.
+
+  Contracts every embedding axis of the table against ``hidden``:
+  ``logits[..., v] = sum_e hidden[..., e] * table[v, e]``.
+
+  Args:
+    table: The embedding table.
+    hidden: A `NamedArray` holding all of the table's embedding axes, plus
+      any batch axes (named or positional).
+    soft_cap: If set, logits become ``soft_cap * tanh(logits / soft_cap)``.
+    dtype: Compute dtype. By default hidden and table are promoted jointly
+      (flax's ``attend`` rule: bf16 table with f32 hidden gives f32).
+
+  Returns:
+    A `NamedArray` with the batch axes of ``hidden`` followed by the
+    vocabulary axis.
+
+  Raises:
+    TypeError: if ``hidden`` is not a `NamedArray`.
+    ValueError: for a missing or mis-sized embedding axis, or bad options.
+
+  Example:
+
+  >>> import numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> table = ne.EmbeddingTable.from_pretrained(
+  ...     np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], np.float32))
+  >>> hidden = pz.nx.wrap(np.array([[3.0, 4.0]], np.float32)
+  ...                     ).tag("seq", "embedding")
+  >>> logits = ne.decode(table, hidden)
+  >>> logits.named_shape, logits.untag("seq", "vocabulary").unwrap().tolist()
+  ({'seq': 1, 'vocabulary': 3}, [[3.0, 8.0, 7.0]])
+  """
+  options = decode_options(soft_cap, dtype)
+  return decode_with_options(table, hidden, options, "decode")
+
+
+def decode_with_options(
+  table: EmbeddingTable, hidden: Any, options: tuple, caller: str
+) -> pz.nx.NamedArray:
+  """`decode` with options already validated by `decode_options`."""
+  soft_cap, dtype = options
+  with jax.named_scope(f"named_embed.{caller}"):
+    rows_array = table.rows_array()
+    embedding_axes = table.embedding_axes
+    prefix = check_hidden(table, hidden, caller)
+    hidden_named = tuple(prefix.named_axes)
+    if dtype is None:
+      dtype = joint_dtype(prefix.dtype, rows_array.dtype)
+    policy = DecodePolicy(
+      subscripts=_subscripts(
+        len(prefix.positional_shape), hidden_named, tuple(embedding_axes)
+      ),
+      soft_cap=soft_cap,
+      dtype=dtype,
+      frozen=table.frozen,
+    )
+    logits = _decode_jit(prefix.data_array, rows_array, policy)
+    batch = {
+      name: size
+      for name, size in prefix.named_axes.items()
+      if name not in embedding_axes
+    }
+    batch[table.vocabulary_axis] = rows_array.shape[0]
+    return _named.named_result(logits, batch)
+
+
+@pz.pytree_dataclass
+class EmbeddingDecode(pz.nn.Layer):
+  """Maps vectors to vocabulary logits with an `EmbeddingTable`, by name.
+
+  The usual last layer of a language model. Give it the table of the
+  model's `EmbeddingLookup` to tie input and output embeddings: the model
+  then holds one parameter, and its gradient is the sum of both uses (the
+  padding row included, as in torch). The input must hold every embedding
+  axis of the table; all other axes are batch axes and are kept.
+
+  Example:
+
+  >>> import jax, numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> table = ne.EmbeddingTable.from_config(
+  ...     name="embed", init_base_rng=jax.random.key(0), vocab_size=100,
+  ...     embedding_axes={"embedding": 8})
+  >>> model = pz.nn.Sequential([ne.EmbeddingLookup(table),
+  ...                           ne.EmbeddingDecode(table, soft_cap=30.0)])
+  >>> ids = pz.nx.wrap(np.array([[1, 2, 3]])).tag("batch", "seq")
+  >>> model(ids).named_shape
+  {'batch': 1, 'seq': 3, 'vocabulary': 100}
+  >>> len(pz.unbind_params(model)[1])  # tied: one parameter
+  1
+
+  Attributes:
+    table: The embedding table.
+    soft_cap: If set, logits become ``soft_cap * tanh(logits / soft_cap)``.
+    dtype: Compute dtype, or None to promote hidden and table jointly.
+  """
+
+  table: EmbeddingTable
+  soft_cap: float | None = dataclasses.field(
+    default=None, metadata={"pytree_node": False}
+  )
+  dtype: Any = dataclasses.field(default=None, metadata={"pytree_node": False})
+
+  def __post_init__(self):
+    decode_options(self.soft_cap, self.dtype)
+
+  def __call__(
+    self, hidden: pz.nx.NamedArrayBase, /, **side_inputs
+  ) -> pz.nx.NamedArray:
+    """Computes logits; side inputs are accepted and ignored.
+
+    Args:
+      hidden: Holds the table's embedding axes plus any batch axes.
+      **side_inputs: Ignored, so the layer composes in `pz.nn.Sequential`.
+
+    Returns:
+      The batch axes of ``hidden`` followed by the vocabulary axis.
+    """
+    del side_inputs
+    options = decode_options(self.soft_cap, self.dtype)
+    return decode_with_options(self.table, hidden, options, "EmbeddingDecode")

@@ -1,0 +1,227 @@
+"""`EmbeddingLookup` and `lookup`: token ids to embedding vectors, by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from penzai import pz
+
+from named_embed import _bounds_check, _gather, _named, _norms
+from named_embed.table import EmbeddingTable, check_float_dtype
+
+
+@functools.lru_cache(maxsize=256)
+def lookup_policy(
+  out_of_range: str = "fill",
+  max_norm: float | None = None,
+  norm_type: float = 2.0,
+  scale_grad_by_freq: bool = False,
+  dtype: Any = None,
+) -> _gather.RowPolicy:
+  """Validates lookup options once per distinct combination.
+
+  Raises:
+    ValueError: for an unknown ``out_of_range`` or a negative ``max_norm``.
+    TypeError: for options of the wrong type.
+  """
+  if out_of_range not in _gather.OUT_OF_RANGE_POLICIES:
+    raise ValueError(
+      f"`out_of_range` must be one of {_gather.OUT_OF_RANGE_POLICIES}, got"
+      f" {out_of_range!r}."
+    )
+  if max_norm is not None:
+    max_norm, norm_type = _norms.check_renorm_args(max_norm, norm_type)
+  else:
+    _norms.check_renorm_args(0.0, norm_type)
+  if not isinstance(scale_grad_by_freq, bool):
+    raise TypeError(
+      f"`scale_grad_by_freq` must be a bool, got {scale_grad_by_freq!r}."
+    )
+  if dtype is not None:
+    dtype = check_float_dtype("dtype", dtype)
+  return _gather.RowPolicy(
+    out_of_range=out_of_range,
+    max_norm=max_norm,
+    norm_type=float(norm_type),
+    scale_grad_by_freq=scale_grad_by_freq,
+    dtype=dtype,
+  )
+
+
+def lookup(
+  table: EmbeddingTable,
+  tokens: pz.nx.NamedArrayBase | jax.typing.ArrayLike,
+  *,
+  out_of_range: str = "fill",
+  max_norm: float | None = None,
+  norm_type: float = 2.0,
+  scale_grad_by_freq: bool = False,
+  dtype: jax.typing.DTypeLike | None = None,
+) -> pz.nx.NamedArray:
+  """Looks up token ids in ``table``; the functional form of `EmbeddingLookup`.
+
+  Args:
+    table: The embedding table.
+    tokens: Integer ids: a `NamedArray` (named and/or positional axes) or a
+      plain array (positional axes). Named token axes must not clash with
+      the table's axis names.
+    out_of_range: What an id outside ``[0, V)`` gives (negative ids are out
+      of range too): ``"fill"`` a NaN row and no gradient; ``"clip"`` the
+      nearest valid row (which gets the gradient); ``"wrap"`` row ``id % V``;
+      ``"error"`` an `IndexError` naming the ids and their positions (at run
+      time under `jax.jit`; a functionalised check under `checkify`).
+    max_norm: If set, rows whose ``norm_type``-norm exceeds it are returned
+      scaled by ``max_norm / (norm + 1e-7)``; the gradient is as without
+      renorm, and the table is not changed (see
+      `EmbeddingTable.renormalized`).
+    norm_type: p of the p-norm over all embedding axes.
+    scale_grad_by_freq: Divide the gradient reaching each row by the number
+      of times the row occurs in ``tokens``.
+    dtype: Cast the looked-up rows (never the whole table) to this dtype.
+
+  Returns:
+    A `NamedArray` with the token axes (positional ones first, unnamed)
+    followed by the table's embedding axes.
+
+  Raises:
+    TypeError: for non-integer ids.
+    ValueError: for clashing axis names or bad options.
+    IndexError: for out-of-range ids under ``"error"``.
+
+  Example:
+
+  >>> import numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> table = ne.EmbeddingTable.from_pretrained(
+  ...     np.arange(6.0, dtype=np.float32).reshape(3, 2))
+  >>> out = ne.lookup(table, pz.nx.wrap(np.array([2, 0])).tag("seq"))
+  >>> out.named_shape, out.untag("seq", "embedding").unwrap().tolist()
+  ({'seq': 2, 'embedding': 2}, [[4.0, 5.0], [0.0, 1.0]])
+  >>> ne.lookup(table, np.array([5])).unwrap("embedding").tolist()
+  [[nan, nan]]
+  """
+  policy = lookup_policy(out_of_range, max_norm, norm_type, scale_grad_by_freq,
+                         dtype)
+  return lookup_with_policy(table, tokens, policy, "lookup")
+
+
+def lookup_with_policy(
+  table: EmbeddingTable,
+  tokens: Any,
+  policy: _gather.RowPolicy,
+  caller: str,
+) -> pz.nx.NamedArray:
+  """`lookup` with options already validated into a `RowPolicy`."""
+  with jax.named_scope(f"named_embed.{caller}"):
+    rows_array = table.rows_array()
+    vocabulary_axis = table.vocabulary_axis
+    embedding_axes = table.embedding_axes
+    ids, token_axes = _named.split_tokens(tokens)
+    if token_axes:
+      _named.check_no_clash(
+        f"named_embed.{caller}", token_axes, (vocabulary_axis, *embedding_axes)
+      )
+    runtime_check = False
+    if policy.out_of_range == "error":
+      if isinstance(ids, jax.core.Tracer):
+        runtime_check = True
+      else:
+        _bounds_check.raise_if_out_of_range(
+          np.asarray(ids), rows_array.shape[0]
+        )
+    policy = dataclasses.replace(
+      policy,
+      padding_index=table.padding_index,
+      frozen=table.frozen,
+      runtime_check=runtime_check,
+    )
+    rows = _gather.gather_rows_jit(rows_array, ids, policy)
+    return _named.named_result(rows, {**token_axes, **embedding_axes})
+
+
+@pz.pytree_dataclass
+class EmbeddingLookup(pz.nn.Layer):
+  """Looks up token ids in an `EmbeddingTable`, by axis name.
+
+  The input is an integer `NamedArray` of token ids; the output keeps its
+  axes and adds the table's embedding axes, so ``{"batch": 2, "seq": 8}``
+  ids become ``{"batch": 2, "seq": 8, "embedding": 64}`` vectors. Positional
+  input axes stay positional, in front. Everything torch's ``nn.Embedding``
+  offers is here as explicit, documented options, applied functionally: the
+  table is never mutated by a call, so the layer is safe under `jax.jit`,
+  `jax.grad` and `pz.variable_jit`. Options are checked when the layer is
+  built, so a typo fails at model construction, not mid-training.
+
+  The padding row is the table's (`EmbeddingTable.padding_index`): it is
+  returned as stored and receives no gradient from this layer (a tied
+  `EmbeddingDecode` still trains it, as in torch).
+
+  Example:
+
+  >>> import jax, numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> table = ne.EmbeddingTable.from_config(
+  ...     name="embed", init_base_rng=jax.random.key(0), vocab_size=100,
+  ...     embedding_axes={"embedding": 8}, padding_index=0)
+  >>> layer = ne.EmbeddingLookup(table, out_of_range="clip", max_norm=1.0)
+  >>> ids = pz.nx.wrap(np.array([[1, 2, 0], [3, 0, 0]])).tag("batch", "seq")
+  >>> layer(ids).named_shape
+  {'batch': 2, 'seq': 3, 'embedding': 8}
+
+  Attributes:
+    table: The embedding table (share it with an `EmbeddingDecode` to tie).
+    out_of_range: ``"fill"`` (default), ``"clip"``, ``"wrap"`` or ``"error"``;
+      see `named_embed.lookup`.
+    max_norm: Renorm bound for looked-up rows, or None.
+    norm_type: p of the renorm p-norm (default 2).
+    scale_grad_by_freq: Divide each row's gradient by its count in the call.
+    dtype: Compute dtype for the returned rows, or None for the table's.
+  """
+
+  table: EmbeddingTable
+  out_of_range: str = dataclasses.field(
+    default="fill", metadata={"pytree_node": False}
+  )
+  max_norm: float | None = dataclasses.field(
+    default=None, metadata={"pytree_node": False}
+  )
+  norm_type: float = dataclasses.field(
+    default=2.0, metadata={"pytree_node": False}
+  )
+  scale_grad_by_freq: bool = dataclasses.field(
+    default=False, metadata={"pytree_node": False}
+  )
+  dtype: Any = dataclasses.field(default=None, metadata={"pytree_node": False})
+
+  def __post_init__(self):
+    self.policy  # noqa: B018 - validate the options now.
+
+  @property
+  def policy(self) -> _gather.RowPolicy:
+    """The validated options (cached per distinct combination)."""
+    return lookup_policy(
+      self.out_of_range,
+      self.max_norm,
+      self.norm_type,
+      self.scale_grad_by_freq,
+      self.dtype,
+    )
+
+  def __call__(
+    self, tokens: pz.nx.NamedArrayBase | jax.Array, /, **side_inputs
+  ) -> pz.nx.NamedArray:
+    """Looks up ``tokens``; side inputs are accepted and ignored.
+
+    Args:
+      tokens: Integer token ids (see `named_embed.lookup`).
+      **side_inputs: Ignored, so the layer composes in `pz.nn.Sequential`.
+
+    Returns:
+      The token axes followed by the table's embedding axes.
+    """
+    del side_inputs
+    return lookup_with_policy(self.table, tokens, self.policy, "EmbeddingLookup")

@@ -1,0 +1,500 @@
+"""`EmbeddingTable`: the named-axis array of embedding vectors."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from named_embed import _norms
+from named_embed._initializers import default_initializer, initialize
+
+EmbeddingsLike = pz.Parameter | pz.ParameterValue | pz.nx.NamedArray
+
+
+@pz.pytree_dataclass
+class EmbeddingTable(pz.Struct):
+  """A table of embedding vectors, one row per token of a vocabulary.
+
+  The table holds a `NamedArray` with one *vocabulary* axis and one or more
+  *embedding* axes (``{"embedding": 64}``, or ``{"heads": 4, "head_dim": 16}``).
+  It has no ``__call__``: wrap it in an `EmbeddingLookup` to turn token ids
+  into vectors, or in an `EmbeddingDecode` to turn vectors into token logits.
+  Keeping the parameters in a separate object is what makes weight tying
+  explicit: pass the *same* table to both layers and the model holds one
+  parameter, which `pz.unbind_params` finds once and whose gradient is the
+  sum of both uses.
+
+  What ``embeddings`` holds decides how the table trains:
+
+  - a `pz.Parameter` (``from_config``, or ``from_pretrained(freeze=False)``):
+    trainable, found by `pz.unbind_params`;
+  - a `pz.ParameterValue`: what a `Parameter` becomes after
+    `pz.freeze_params` or `pz.bind_variables` of frozen values; trainable
+    through `jax.grad` of the values;
+  - a plain `NamedArray` (``from_pretrained``, the default): *frozen*.
+    Optimisers and `pz.unbind_params` never see it, and lookups and decodes
+    stop its gradient.
+
+  Example:
+
+  >>> import jax, named_embed as ne
+  >>> table = ne.EmbeddingTable.from_config(
+  ...     name="embed", init_base_rng=jax.random.key(0), vocab_size=10,
+  ...     embedding_axes={"embedding": 4})
+  >>> table.vocab_size, table.embedding_axes, table.frozen
+  (10, {'embedding': 4}, False)
+
+  Attributes:
+    embeddings: The embedding array (see above), with named axes only.
+    vocabulary_axis: Name of the axis indexed by token ids.
+    padding_index: Row of the padding token, or None. A lookup returns this
+      row as stored and sends it no gradient (torch's ``padding_idx``).
+  """
+
+  embeddings: EmbeddingsLike
+  vocabulary_axis: str = dataclasses.field(
+    default="vocabulary", metadata={"pytree_node": False}
+  )
+  padding_index: int | None = dataclasses.field(
+    default=None, metadata={"pytree_node": False}
+  )
+
+  def __post_init__(self):
+    if not isinstance(self.vocabulary_axis, str) or not self.vocabulary_axis:
+      raise TypeError(
+        "EmbeddingTable: `vocabulary_axis` must be a non-empty string, got"
+        f" {self.vocabulary_axis!r}."
+      )
+    value = _value_or_none(self.embeddings)
+    if value is not None and hasattr(value, "named_shape"):
+      _check_table_array(value, self.vocabulary_axis)
+      object.__setattr__(
+        self,
+        "padding_index",
+        resolve_padding_index(
+          self.padding_index, value.named_shape[self.vocabulary_axis]
+        ),
+      )
+
+  # ---------------------------------------------------------------- builders
+
+  @classmethod
+  def from_config(
+    cls,
+    name: str,
+    init_base_rng: jax.Array | None,
+    vocab_size: int,
+    embedding_axes: Mapping[str, int],
+    vocabulary_axis: str = "vocabulary",
+    initializer: Callable[..., Any] = default_initializer,
+    dtype: jax.typing.DTypeLike = jnp.float32,
+    padding_index: int | None = None,
+  ) -> EmbeddingTable:
+    """Builds a trainable table from hyperparameters.
+
+    Args:
+      name: Label of the parameter; the parameter is called
+        ``f"{name}.embeddings"``, as in penzai.
+      init_base_rng: Base random key. The parameter's key is derived from it
+        and the label (`pz.nn.derive_param_key`). None gives an unfilled
+        `pz.ParameterSlot`, to be bound later.
+      vocab_size: Number of rows, a positive integer.
+      embedding_axes: Names and sizes of the embedding axes.
+      vocabulary_axis: Name of the vocabulary axis; must not be one of
+        ``embedding_axes``.
+      initializer: A penzai initializer (keyword arguments ``input_axes``,
+        ``output_axes``, ``parallel_axes``, ``convolution_spatial_axes``,
+        ``dtype``), or a ``jax.nn.initializers`` function ``(key, shape,
+        dtype)`` called with shape ``(vocab_size, *embedding sizes)``. The
+        default draws from a normal distribution with standard deviation
+        ``1/sqrt(prod(embedding sizes))``, like penzai's ``EmbeddingTable``.
+      dtype: A floating storage dtype.
+      padding_index: Row to zero at initialisation and keep out of lookup
+        gradients; negative values count from the end.
+
+    Returns:
+      A table whose ``embeddings`` is a `pz.Parameter` (vocabulary axis first).
+
+    Raises:
+      ValueError: for non-positive sizes, a vocabulary axis inside
+        ``embedding_axes``, or ``padding_index`` outside ``[-V, V)``.
+      TypeError: for a non-floating dtype.
+
+    Example:
+
+    >>> import jax, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_config(
+    ...     name="embed", init_base_rng=jax.random.key(0), vocab_size=5,
+    ...     embedding_axes={"heads": 2, "head_dim": 3}, padding_index=0)
+    >>> table.value.named_shape
+    {'vocabulary': 5, 'heads': 2, 'head_dim': 3}
+    >>> float(abs(table.value.untag("vocabulary", "heads", "head_dim")
+    ...           .unwrap()[0]).sum())
+    0.0
+    """
+    embedding_axes = check_embedding_axes(embedding_axes, vocabulary_axis)
+    check_positive_int("vocab_size", vocab_size)
+    dtype = check_float_dtype("dtype", dtype)
+    padding_index = resolve_padding_index(padding_index, vocab_size)
+    label = f"{name}.embeddings"
+    if init_base_rng is None:
+      return cls(pz.ParameterSlot(label), vocabulary_axis, padding_index)
+    key = pz.nn.derive_param_key(init_base_rng, label)
+    value = initialize(
+      initializer, key, vocabulary_axis, vocab_size, embedding_axes, dtype
+    )
+    if padding_index is not None:
+      value = pz.nx.nmap(
+        lambda v: v.at[padding_index].set(jnp.zeros((), v.dtype))
+      )(value.untag(vocabulary_axis)).tag(vocabulary_axis)
+      value = value.order_as(vocabulary_axis, *embedding_axes)
+    return cls(
+      pz.Parameter(value=value, label=label), vocabulary_axis, padding_index
+    )
+
+  @classmethod
+  def from_pretrained(
+    cls,
+    embeddings: pz.nx.NamedArray | jax.typing.ArrayLike,
+    vocabulary_axis: str = "vocabulary",
+    embedding_axes: tuple[str, ...] | list[str] | str | None = None,
+    name: str = "embeddings",
+    padding_index: int | None = None,
+    freeze: bool = True,
+  ) -> EmbeddingTable:
+    """Builds a table around existing vectors; frozen by default, as in torch.
+
+    Args:
+      embeddings: A `NamedArray` with the vocabulary axis and only named
+        axes, or a numpy/jax array whose first axis is the vocabulary.
+      vocabulary_axis: Name of the vocabulary axis.
+      embedding_axes: Names for the non-vocabulary axes of a plain array
+        (default ``("embedding",)``, which fits a 2-D array). For a
+        `NamedArray`, if given, it must list exactly its embedding axes.
+      name: Label prefix of the parameter when ``freeze=False``.
+      padding_index: Padding row (kept as given, never zeroed); negative
+        values count from the end.
+      freeze: If True, the table holds a plain `NamedArray` and receives no
+        gradients; if False, a `pz.Parameter` labelled ``f"{name}.embeddings"``.
+
+    Returns:
+      A new table. The array is stored as given (no copy, no cast).
+
+    Raises:
+      ValueError: for a 1-D array, axis names that do not fit the array, or
+        ``padding_index`` outside ``[-V, V)``.
+      TypeError: for a non-floating array.
+
+    Example:
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(
+    ...     np.arange(6.0, dtype=np.float32).reshape(3, 2), padding_index=-1)
+    >>> table.padding_index, table.frozen, table.embedding_axes
+    (2, True, {'embedding': 2})
+    """
+    value = _as_table_array(embeddings, vocabulary_axis, embedding_axes)
+    padding_index = resolve_padding_index(
+      padding_index, value.named_shape[vocabulary_axis]
+    )
+    if not freeze:
+      value = pz.Parameter(value=value, label=f"{name}.embeddings")
+    return cls(value, vocabulary_axis, padding_index)
+
+  # -------------------------------------------------------------- properties
+
+  @property
+  def value(self) -> pz.nx.NamedArray:
+    """The embedding `NamedArray`, whatever holds it.
+
+    >>> import numpy as np, named_embed as ne
+    >>> ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32)
+    ...     ).value.named_shape
+    {'vocabulary': 4, 'embedding': 2}
+    """
+    value = _value_or_none(self.embeddings)
+    if value is None:
+      raise ValueError(
+        "EmbeddingTable.embeddings is an unbound"
+        f" {type(self.embeddings).__name__} (label"
+        f" {getattr(self.embeddings, 'label', None)!r}); bind a value first,"
+        " e.g. `pz.bind_variables(model, params)`."
+      )
+    return value
+
+  @property
+  def frozen(self) -> bool:
+    """True when the table holds a plain `NamedArray` (no gradients).
+
+    >>> import numpy as np, named_embed as ne
+    >>> ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32),
+    ...                                   freeze=False).frozen
+    False
+    """
+    return isinstance(self.embeddings, pz.nx.NamedArrayBase)
+
+  @property
+  def vocab_size(self) -> int:
+    """The number of rows.
+
+    >>> import numpy as np, named_embed as ne
+    >>> ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32)).vocab_size
+    4
+    """
+    return self.value.named_shape[self.vocabulary_axis]
+
+  @property
+  def embedding_axes(self) -> dict[str, int]:
+    """Names and sizes of the embedding axes, in storage order.
+
+    >>> import numpy as np, named_embed as ne
+    >>> ne.EmbeddingTable.from_pretrained(np.ones((4, 2, 3), np.float32),
+    ...     embedding_axes=("heads", "head_dim")).embedding_axes
+    {'heads': 2, 'head_dim': 3}
+    """
+    return {
+      name: size
+      for name, size in self.value.named_shape.items()
+      if name != self.vocabulary_axis
+    }
+
+  @property
+  def dtype(self) -> np.dtype:
+    """The storage dtype.
+
+    >>> import numpy as np, named_embed as ne
+    >>> ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float16)).dtype
+    dtype('float16')
+    """
+    return np.dtype(self.value.dtype)
+
+  # ----------------------------------------------------------------- methods
+
+  def rows_array(self) -> jax.Array:
+    """The raw ``[vocabulary, *embedding]`` array (no transpose if stored so).
+
+    >>> import numpy as np, named_embed as ne
+    >>> ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32)
+    ...     ).rows_array().shape
+    (4, 2)
+    """
+    value = self.value
+    order = (self.vocabulary_axis, *self.embedding_axes)
+    if isinstance(value, pz.nx.NamedArray) and tuple(value.named_axes) == order:
+      return value.data_array
+    return value.untag(*order).unwrap()
+
+  def renormalized(
+    self, max_norm: float, norm_type: float = 2.0
+  ) -> EmbeddingTable:
+    """Returns a table whose rows have p-norm at most ``max_norm``.
+
+    Rows with norm above ``max_norm`` are scaled by
+    ``max_norm / (norm + 1e-7)``, as torch's in-place renorm does to the
+    rows a lookup touches, but for every row and without mutation. The
+    result is a table of the same kind: a trainable table gets a new
+    `pz.Parameter` with the same label, meant to replace the old table.
+
+    Args:
+      max_norm: Non-negative bound on the row norm.
+      norm_type: The p of the p-norm over all embedding axes (any float,
+        ``inf`` included).
+
+    Returns:
+      A new `EmbeddingTable`.
+
+    Example:
+
+    >>> import numpy as np, named_embed as ne
+    >>> t = ne.EmbeddingTable.from_pretrained(
+    ...     np.array([[3.0, 4.0], [0.3, 0.4]], np.float32))
+    >>> np.round(np.asarray(t.renormalized(1.0).rows_array()), 4).tolist()
+    [[0.6, 0.8], [0.3, 0.4]]
+    """
+    max_norm, norm_type = _norms.check_renorm_args(max_norm, norm_type)
+    rows = self.rows_array()
+    new_rows = _norms.renorm_rows(rows, max_norm, norm_type)
+    value = pz.nx.wrap(new_rows, self.vocabulary_axis, *self.embedding_axes)
+    embeddings = self.embeddings
+    if isinstance(embeddings, pz.Parameter):
+      value = pz.Parameter(
+        value=value, label=embeddings.label, metadata=embeddings.metadata
+      )
+    elif isinstance(embeddings, pz.ParameterValue):
+      value = pz.ParameterValue(
+        value=value, label=embeddings.label, metadata=embeddings.metadata
+      )
+    return dataclasses.replace(self, embeddings=value)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _value_or_none(embeddings: Any) -> pz.nx.NamedArrayBase | None:
+  if isinstance(embeddings, pz.nx.NamedArrayBase):
+    return embeddings
+  if isinstance(embeddings, (pz.Parameter, pz.ParameterValue)):
+    return embeddings.value
+  return None
+
+
+def check_positive_int(argument: str, value: Any) -> int:
+  """Raises unless ``value`` is a positive Python int."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"`{argument}` must be a positive int, got {value!r}.")
+  if value <= 0:
+    raise ValueError(f"`{argument}` must be a positive int, got {value}.")
+  return int(value)
+
+
+def check_float_dtype(argument: str, dtype: Any) -> np.dtype:
+  """Returns ``dtype`` as a numpy dtype, raising unless it is floating."""
+  dtype = np.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+      f"`{argument}` must be a floating dtype (float32, bfloat16, ...),"
+      f" got {dtype}."
+    )
+  return dtype
+
+
+def check_embedding_axes(
+  embedding_axes: Mapping[str, int], vocabulary_axis: str
+) -> dict[str, int]:
+  """Validates ``embedding_axes`` against the vocabulary axis name."""
+  if not isinstance(embedding_axes, Mapping) or not embedding_axes:
+    raise ValueError(
+      "`embedding_axes` must be a non-empty dict of axis names to sizes,"
+      f" e.g. {{'embedding': 64}}; got {embedding_axes!r}."
+    )
+  if vocabulary_axis in embedding_axes:
+    raise ValueError(
+      f"`vocabulary_axis` {vocabulary_axis!r} must not appear in"
+      f" `embedding_axes` {dict(embedding_axes)}: the vocabulary axis is"
+      " indexed by token ids, the embedding axes are what each row holds."
+    )
+  for name, size in embedding_axes.items():
+    if not isinstance(name, str):
+      raise TypeError(
+        f"`embedding_axes` names must be strings, got {name!r} in"
+        f" {dict(embedding_axes)}."
+      )
+    check_positive_int(f"embedding_axes[{name!r}]", size)
+  return {name: int(size) for name, size in embedding_axes.items()}
+
+
+def resolve_padding_index(padding_index: Any, vocab_size: int) -> int | None:
+  """Maps ``padding_index`` in ``[-V, V)`` to ``[0, V)``, as torch does."""
+  if padding_index is None:
+    return None
+  if isinstance(padding_index, bool) or not isinstance(
+    padding_index, (int, np.integer)
+  ):
+    raise TypeError(
+      f"`padding_index` must be an int or None, got {padding_index!r}."
+    )
+  if not -vocab_size <= padding_index < vocab_size:
+    raise ValueError(
+      f"`padding_index` {padding_index} is outside [-{vocab_size},"
+      f" {vocab_size}) for a vocabulary of size {vocab_size}."
+    )
+  return int(padding_index) % vocab_size
+
+
+def _check_table_array(value: pz.nx.NamedArrayBase, vocabulary_axis: str):
+  if value.positional_shape:
+    raise ValueError(
+      "EmbeddingTable.embeddings must have named axes only; got positional"
+      f" axes of shape {value.positional_shape} besides"
+      f" {dict(value.named_shape)}. Name them with `.tag(...)`."
+    )
+  if vocabulary_axis not in value.named_shape:
+    raise ValueError(
+      f"EmbeddingTable.embeddings has axes {dict(value.named_shape)}, which"
+      f" do not include the vocabulary axis {vocabulary_axis!r}."
+    )
+  if len(value.named_shape) < 2:
+    raise ValueError(
+      "EmbeddingTable.embeddings needs at least one embedding axis besides"
+      f" {vocabulary_axis!r}; got axes {dict(value.named_shape)}."
+    )
+  dtype = getattr(value, "dtype", None)
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+      f"EmbeddingTable.embeddings must be floating, got dtype {dtype}."
+    )
+
+
+def _as_table_array(
+  embeddings: Any,
+  vocabulary_axis: str,
+  embedding_axes: tuple[str, ...] | list[str] | str | None,
+) -> pz.nx.NamedArray:
+  """Turns ``from_pretrained``'s input into a validated NamedArray."""
+  if isinstance(embedding_axes, str):
+    embedding_axes = (embedding_axes,)
+  if isinstance(embeddings, pz.nx.NamedArrayBase):
+    named = embeddings
+    _check_table_array(named, vocabulary_axis)
+    others = [n for n in named.named_shape if n != vocabulary_axis]
+    if embedding_axes is not None and set(embedding_axes) != set(others):
+      raise ValueError(
+        f"`embedding_axes` {tuple(embedding_axes)} do not match the"
+        f" embedding axes {tuple(others)} of the given NamedArray"
+        f" (axes {dict(named.named_shape)}, vocabulary axis"
+        f" {vocabulary_axis!r})."
+      )
+    order = (vocabulary_axis, *(embedding_axes or others))
+    return named.order_as(*order)
+  if not hasattr(embeddings, "shape"):
+    embeddings = np.asarray(embeddings)
+  shape = tuple(embeddings.shape)
+  if len(shape) < 2:
+    raise ValueError(
+      "`embeddings` must have a vocabulary axis and at least one embedding"
+      f" axis; got an array of shape {shape}. Reshape a 1-D array of V"
+      " scalars to (V, 1)."
+    )
+  if embedding_axes is None:
+    if len(shape) != 2:
+      raise ValueError(
+        f"`embeddings` has shape {shape}: name its {len(shape) - 1}"
+        " embedding axes with `embedding_axes=(...)`."
+      )
+    embedding_axes = ("embedding",)
+  embedding_axes = tuple(embedding_axes)
+  if len(embedding_axes) != len(shape) - 1:
+    raise ValueError(
+      f"`embedding_axes` {embedding_axes} names {len(embedding_axes)} axes,"
+      f" but `embeddings` of shape {shape} has {len(shape) - 1} besides the"
+      " vocabulary axis (axis 0)."
+    )
+  if len(set(embedding_axes)) != len(embedding_axes) or (
+    vocabulary_axis in embedding_axes
+  ):
+    raise ValueError(
+      f"Axis names must be distinct: vocabulary axis {vocabulary_axis!r},"
+      f" embedding axes {embedding_axes}."
+    )
+  check_float_dtype("embeddings", embeddings.dtype)
+  if not isinstance(embeddings, jax.Array):
+    embeddings = jnp.asarray(embeddings)
+  return pz.nx.NamedArray(
+    named_axes=collections.OrderedDict(
+      zip((vocabulary_axis, *embedding_axes), shape)
+    ),
+    data_array=embeddings,
+  )
+
+
+def embedding_size(embedding_axes: Mapping[str, int]) -> int:
+  """Product of the embedding axis sizes."""
+  return math.prod(embedding_axes.values())
