@@ -16,10 +16,9 @@ give a primitive a checkify rule; it is registered when that module exists.
 
 from __future__ import annotations
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import io_callback
 from jax.extend.core import Primitive
@@ -112,8 +111,10 @@ def _register_checkify_rule() -> None:
       return error, ids
     bad = (ids < 0) | (ids >= vocab_size)
     first = jnp.argmax(bad.reshape(-1))
-    position = jnp.stack(jnp.unravel_index(first, ids.shape)) if ids.ndim else (
-      jnp.zeros((0,), jnp.int32)
+    position = (
+      jnp.stack(jnp.unravel_index(first, ids.shape))
+      if ids.ndim
+      else (jnp.zeros((0,), jnp.int32))
     )
     new_error = checkify_internals.FailedCheckError(
       checkify_internals.get_traceback(),

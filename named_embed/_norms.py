@@ -12,7 +12,9 @@ RENORM_EPS = 1e-7
 """torch's ``embedding_renorm_`` adds this to the norm before dividing."""
 
 
-def check_renorm_args(max_norm: object, norm_type: object) -> tuple[float, float]:
+def check_renorm_args(
+  max_norm: object, norm_type: object
+) -> tuple[float, float]:
   """Validates ``max_norm`` / ``norm_type`` and returns them as floats."""
   if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
     raise TypeError(f"`max_norm` must be a number or None, got {max_norm!r}.")
@@ -69,7 +71,9 @@ def renorm_scale(
   return scale
 
 
-def renorm_rows(rows: jax.Array, max_norm: float, norm_type: float) -> jax.Array:
+def renorm_rows(
+  rows: jax.Array, max_norm: float, norm_type: float
+) -> jax.Array:
   """Scales every row (axis 0) of ``rows`` whose norm exceeds ``max_norm``."""
   scale = renorm_scale(rows, max_norm, norm_type, 1)
   return (rows.astype(scale.dtype) * scale).astype(rows.dtype)

@@ -27,7 +27,7 @@ class DecodePolicy:
   frozen: bool = False
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)
 def decode_options(soft_cap: Any = None, dtype: Any = None):
   """Validates decode options once per distinct combination.
 

@@ -14,7 +14,7 @@ from named_embed import _bounds_check, _gather, _named, _norms
 from named_embed.table import EmbeddingTable, check_float_dtype
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)
 def lookup_policy(
   out_of_range: str = "fill",
   max_norm: float | None = None,
@@ -101,11 +101,15 @@ def lookup(
   >>> out = ne.lookup(table, pz.nx.wrap(np.array([2, 0])).tag("seq"))
   >>> out.named_shape, out.untag("seq", "embedding").unwrap().tolist()
   ({'seq': 2, 'embedding': 2}, [[4.0, 5.0], [0.0, 1.0]])
-  >>> ne.lookup(table, np.array([5])).unwrap("embedding").tolist()
-  [[nan, nan]]
+  >>> out = ne.lookup(table, np.array([5, -1]))  # positional token axis
+  >>> out.positional_shape, out.named_shape
+  ((2,), {'embedding': 2})
+  >>> out.data_array.tolist()  # out of range: NaN rows under "fill"
+  [[nan, nan], [nan, nan]]
   """
-  policy = lookup_policy(out_of_range, max_norm, norm_type, scale_grad_by_freq,
-                         dtype)
+  policy = lookup_policy(
+    out_of_range, max_norm, norm_type, scale_grad_by_freq, dtype
+  )
   return lookup_with_policy(table, tokens, policy, "lookup")
 
 
@@ -224,4 +228,6 @@ class EmbeddingLookup(pz.nn.Layer):
       The token axes followed by the table's embedding axes.
     """
     del side_inputs
-    return lookup_with_policy(self.table, tokens, self.policy, "EmbeddingLookup")
+    return lookup_with_policy(
+      self.table, tokens, self.policy, "EmbeddingLookup"
+    )

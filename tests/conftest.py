@@ -15,11 +15,14 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+def data(named: pz.nx.NamedArrayBase, *order: str) -> jax.Array:
+  """The data of ``named``: positional axes first, then the named ``order``."""
+  return named.order_as(*order).data_array
+
+
 def raw(named: pz.nx.NamedArrayBase, *order: str) -> np.ndarray:
-  """The data of ``named`` as numpy, positional axes first, then ``order``."""
-  return np.asarray(named.untag(*order).unwrap()) if order else np.asarray(
-    named.unwrap()
-  )
+  """`data` as a numpy array."""
+  return np.asarray(data(named, *order))
 
 
 @pytest.fixture(params=["eager", "jit"])
