@@ -14,11 +14,12 @@ import numpy as np
 from penzai import pz
 
 from named_embed import _named
-from named_embed.table import EmbeddingTable, check_float_dtype
+from named_embed._validation import check_float_dtype
+from named_embed.table import EmbeddingTable
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodePolicy:
+class _DecodePolicy:
   """Static configuration of a decode (hashable: a jit cache key)."""
 
   subscripts: str
@@ -28,7 +29,7 @@ class DecodePolicy:
 
 
 @functools.lru_cache(maxsize=256, typed=True)
-def decode_options(soft_cap: Any = None, dtype: Any = None):
+def _decode_options(soft_cap: Any = None, dtype: Any = None):
   """Validates decode options once per distinct combination.
 
   Raises:
@@ -61,14 +62,14 @@ def _subscripts(n_positional: int, hidden_named: tuple, embedding: tuple):
   return f"{hidden},{table}->{pos}{batch}{vocab}"
 
 
-def joint_dtype(hidden_dtype: Any, table_dtype: Any) -> np.dtype:
+def _joint_dtype(hidden_dtype: Any, table_dtype: Any) -> np.dtype:
   """The dtype both operands are cast to (JAX's standard promotion, whatever
   the global `jax_numpy_dtype_promotion` mode)."""
   with jax.numpy_dtype_promotion("standard"):
     return np.dtype(jnp.promote_types(hidden_dtype, table_dtype))
 
 
-def _decode_kernel(hidden, table, policy: DecodePolicy):
+def _decode_kernel(hidden, table, policy: _DecodePolicy):
   if policy.frozen:
     table = jax.lax.stop_gradient(table)
   dtype = policy.dtype
@@ -84,7 +85,7 @@ def _decode_kernel(hidden, table, policy: DecodePolicy):
 _decode_jit = jax.jit(_decode_kernel, static_argnames="policy")
 
 
-def check_hidden(
+def _check_hidden(
   table: EmbeddingTable, hidden: Any, caller: str
 ) -> pz.nx.NamedArray:
   """Checks that ``hidden`` holds the table's embedding axes; returns it in
@@ -164,23 +165,23 @@ def decode(
   >>> logits.named_shape, logits.untag("seq", "vocabulary").unwrap().tolist()
   ({'seq': 1, 'vocabulary': 3}, [[3.0, 8.0, 7.0]])
   """
-  options = decode_options(soft_cap, dtype)
-  return decode_with_options(table, hidden, options, "decode")
+  options = _decode_options(soft_cap, dtype)
+  return _decode(table, hidden, options, "decode")
 
 
-def decode_with_options(
+def _decode(
   table: EmbeddingTable, hidden: Any, options: tuple, caller: str
 ) -> pz.nx.NamedArray:
-  """`decode` with options already validated by `decode_options`."""
+  """`decode` with options already validated by `_decode_options`."""
   soft_cap, dtype = options
   with jax.named_scope(f"named_embed.{caller}"):
     rows_array = table.rows_array()
     embedding_axes = table.embedding_axes
-    prefix = check_hidden(table, hidden, caller)
+    prefix = _check_hidden(table, hidden, caller)
     hidden_named = tuple(prefix.named_axes)
     if dtype is None:
-      dtype = joint_dtype(prefix.dtype, rows_array.dtype)
-    policy = DecodePolicy(
+      dtype = _joint_dtype(prefix.dtype, rows_array.dtype)
+    policy = _DecodePolicy(
       subscripts=_subscripts(
         len(prefix.positional_shape), hidden_named, tuple(embedding_axes)
       ),
@@ -236,7 +237,7 @@ class EmbeddingDecode(pz.nn.Layer):
   dtype: Any = dataclasses.field(default=None, metadata={"pytree_node": False})
 
   def __post_init__(self):
-    decode_options(self.soft_cap, self.dtype)
+    _decode_options(self.soft_cap, self.dtype)
 
   def __call__(
     self, hidden: pz.nx.NamedArrayBase, /, **side_inputs
@@ -251,5 +252,5 @@ class EmbeddingDecode(pz.nn.Layer):
       The batch axes of ``hidden`` followed by the vocabulary axis.
     """
     del side_inputs
-    options = decode_options(self.soft_cap, self.dtype)
-    return decode_with_options(self.table, hidden, options, "EmbeddingDecode")
+    options = _decode_options(self.soft_cap, self.dtype)
+    return _decode(self.table, hidden, options, "EmbeddingDecode")

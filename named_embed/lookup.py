@@ -11,11 +11,12 @@ import numpy as np
 from penzai import pz
 
 from named_embed import _bounds_check, _gather, _named, _norms
-from named_embed.table import EmbeddingTable, check_float_dtype
+from named_embed._validation import check_float_dtype
+from named_embed.table import EmbeddingTable
 
 
 @functools.lru_cache(maxsize=256, typed=True)
-def lookup_policy(
+def _lookup_policy(
   out_of_range: str = "fill",
   max_norm: float | None = None,
   norm_type: float = 2.0,
@@ -107,13 +108,13 @@ def lookup(
   >>> out.data_array.tolist()  # out of range: NaN rows under "fill"
   [[nan, nan], [nan, nan]]
   """
-  policy = lookup_policy(
+  policy = _lookup_policy(
     out_of_range, max_norm, norm_type, scale_grad_by_freq, dtype
   )
-  return lookup_with_policy(table, tokens, policy, "lookup")
+  return _lookup(table, tokens, policy, "lookup")
 
 
-def lookup_with_policy(
+def _lookup(
   table: EmbeddingTable,
   tokens: Any,
   policy: _gather.RowPolicy,
@@ -207,7 +208,7 @@ class EmbeddingLookup(pz.nn.Layer):
   @property
   def policy(self) -> _gather.RowPolicy:
     """The validated options (cached per distinct combination)."""
-    return lookup_policy(
+    return _lookup_policy(
       self.out_of_range,
       self.max_norm,
       self.norm_type,
@@ -228,6 +229,4 @@ class EmbeddingLookup(pz.nn.Layer):
       The token axes followed by the table's embedding axes.
     """
     del side_inputs
-    return lookup_with_policy(
-      self.table, tokens, self.policy, "EmbeddingLookup"
-    )
+    return _lookup(self.table, tokens, self.policy, "EmbeddingLookup")

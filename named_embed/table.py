@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,6 +14,12 @@ from penzai import pz
 
 from named_embed import _norms
 from named_embed._initializers import default_initializer, initialize
+from named_embed._validation import (
+  check_embedding_axes,
+  check_float_dtype,
+  check_positive_int,
+  resolve_padding_index,
+)
 
 EmbeddingsLike = pz.Parameter | pz.ParameterValue | pz.nx.NamedArray
 
@@ -346,69 +351,6 @@ def _value_or_none(embeddings: Any) -> pz.nx.NamedArrayBase | None:
   return None
 
 
-def check_positive_int(argument: str, value: Any) -> int:
-  """Raises unless ``value`` is a positive Python int."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"`{argument}` must be a positive int, got {value!r}.")
-  if value <= 0:
-    raise ValueError(f"`{argument}` must be a positive int, got {value}.")
-  return int(value)
-
-
-def check_float_dtype(argument: str, dtype: Any) -> np.dtype:
-  """Returns ``dtype`` as a numpy dtype, raising unless it is floating."""
-  dtype = np.dtype(dtype)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-      f"`{argument}` must be a floating dtype (float32, bfloat16, ...),"
-      f" got {dtype}."
-    )
-  return dtype
-
-
-def check_embedding_axes(
-  embedding_axes: Mapping[str, int], vocabulary_axis: str
-) -> dict[str, int]:
-  """Validates ``embedding_axes`` against the vocabulary axis name."""
-  if not isinstance(embedding_axes, Mapping) or not embedding_axes:
-    raise ValueError(
-      "`embedding_axes` must be a non-empty dict of axis names to sizes,"
-      f" e.g. {{'embedding': 64}}; got {embedding_axes!r}."
-    )
-  if vocabulary_axis in embedding_axes:
-    raise ValueError(
-      f"`vocabulary_axis` {vocabulary_axis!r} must not appear in"
-      f" `embedding_axes` {dict(embedding_axes)}: the vocabulary axis is"
-      " indexed by token ids, the embedding axes are what each row holds."
-    )
-  for name, size in embedding_axes.items():
-    if not isinstance(name, str):
-      raise TypeError(
-        f"`embedding_axes` names must be strings, got {name!r} in"
-        f" {dict(embedding_axes)}."
-      )
-    check_positive_int(f"embedding_axes[{name!r}]", size)
-  return {name: int(size) for name, size in embedding_axes.items()}
-
-
-def resolve_padding_index(padding_index: Any, vocab_size: int) -> int | None:
-  """Maps ``padding_index`` in ``[-V, V)`` to ``[0, V)``, as torch does."""
-  if padding_index is None:
-    return None
-  if isinstance(padding_index, bool) or not isinstance(
-    padding_index, (int, np.integer)
-  ):
-    raise TypeError(
-      f"`padding_index` must be an int or None, got {padding_index!r}."
-    )
-  if not -vocab_size <= padding_index < vocab_size:
-    raise ValueError(
-      f"`padding_index` {padding_index} is outside [-{vocab_size},"
-      f" {vocab_size}) for a vocabulary of size {vocab_size}."
-    )
-  return int(padding_index) % vocab_size
-
-
 def _check_table_array(value: pz.nx.NamedArrayBase, vocabulary_axis: str):
   if value.positional_shape:
     raise ValueError(
@@ -493,8 +435,3 @@ def _as_table_array(
     ),
     data_array=embeddings,
   )
-
-
-def embedding_size(embedding_axes: Mapping[str, int]) -> int:
-  """Product of the embedding axis sizes."""
-  return math.prod(embedding_axes.values())
