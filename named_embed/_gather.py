@@ -163,6 +163,33 @@ def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
   return rows
 
 
-gather_rows_jit = jax.jit(gather_rows, static_argnames="policy")
-"""`gather_rows` compiled once per (shapes, policy): inlined under an outer
-`jax.jit`, a cached executable when called eagerly."""
+@functools.lru_cache(maxsize=512)
+def compiled_gather(policy: RowPolicy, scope: str):
+  """`gather_rows` under ``policy``, jitted once per policy.
+
+  Inlined under an outer `jax.jit`; a cached executable when called eagerly.
+  The policy is closed over rather than passed as a static argument, so an
+  eager call pays for no hashing of it: only two arrays cross the boundary.
+  """
+
+  def gather_rows_kernel(table, ids):
+    with jax.named_scope(scope):
+      return gather_rows(table, ids, policy)
+
+  return jax.jit(gather_rows_kernel)
+
+
+@functools.lru_cache(maxsize=512)
+def table_policy(
+  policy: RowPolicy,
+  padding_index: int | None,
+  frozen: bool,
+  runtime_check: bool,
+) -> RowPolicy:
+  """``policy`` completed with what the table and the ids decide."""
+  return dataclasses.replace(
+    policy,
+    padding_index=padding_index,
+    frozen=frozen,
+    runtime_check=runtime_check,
+  )

@@ -62,6 +62,7 @@ def _subscripts(n_positional: int, hidden_named: tuple, embedding: tuple):
   return f"{hidden},{table}->{pos}{batch}{vocab}"
 
 
+@functools.lru_cache(maxsize=64)
 def _joint_dtype(hidden_dtype: Any, table_dtype: Any) -> np.dtype:
   """The dtype both operands are cast to (JAX's standard promotion, whatever
   the global `jax_numpy_dtype_promotion` mode)."""
@@ -82,11 +83,22 @@ def _decode_kernel(hidden, table, policy: _DecodePolicy):
   return logits
 
 
-_decode_jit = jax.jit(_decode_kernel, static_argnames="policy")
+@functools.lru_cache(maxsize=512)
+def _compiled_decode(policy: _DecodePolicy, scope: str):
+  """`_decode_kernel` under ``policy``, jitted once (see `compiled_gather`)."""
+
+  def decode_kernel(hidden, table):
+    with jax.named_scope(scope):
+      return _decode_kernel(hidden, table, policy)
+
+  return jax.jit(decode_kernel)
 
 
 def _check_hidden(
-  table: EmbeddingTable, hidden: Any, caller: str
+  table: EmbeddingTable,
+  embedding_axes: dict[str, int],
+  hidden: Any,
+  caller: str,
 ) -> pz.nx.NamedArray:
   """Checks that ``hidden`` holds the table's embedding axes; returns it in
   positional-prefix layout.
@@ -96,7 +108,6 @@ def _check_hidden(
     ValueError: for a missing embedding axis, a size mismatch, or a clash
       with the vocabulary axis.
   """
-  embedding_axes = table.embedding_axes
   if not isinstance(hidden, pz.nx.NamedArrayBase):
     raise TypeError(
       f"named_embed.{caller} expects a NamedArray holding the embedding axes"
@@ -174,29 +185,28 @@ def _decode(
 ) -> pz.nx.NamedArray:
   """`decode` with options already validated by `_decode_options`."""
   soft_cap, dtype = options
-  with jax.named_scope(f"named_embed.{caller}"):
-    rows_array = table.rows_array()
-    embedding_axes = table.embedding_axes
-    prefix = _check_hidden(table, hidden, caller)
-    hidden_named = tuple(prefix.named_axes)
-    if dtype is None:
-      dtype = _joint_dtype(prefix.dtype, rows_array.dtype)
-    policy = _DecodePolicy(
-      subscripts=_subscripts(
-        len(prefix.positional_shape), hidden_named, tuple(embedding_axes)
-      ),
-      soft_cap=soft_cap,
-      dtype=dtype,
-      frozen=table.frozen,
-    )
-    logits = _decode_jit(prefix.data_array, rows_array, policy)
-    batch = {
-      name: size
-      for name, size in prefix.named_axes.items()
-      if name not in embedding_axes
-    }
-    batch[table.vocabulary_axis] = rows_array.shape[0]
-    return _named.named_result(logits, batch)
+  rows_array, embedding_axes = table.rows_and_axes()
+  prefix = _check_hidden(table, embedding_axes, hidden, caller)
+  hidden_named = tuple(prefix.named_axes)
+  if dtype is None:
+    dtype = _joint_dtype(prefix.dtype, rows_array.dtype)
+  policy = _DecodePolicy(
+    subscripts=_subscripts(
+      len(prefix.positional_shape), hidden_named, tuple(embedding_axes)
+    ),
+    soft_cap=soft_cap,
+    dtype=dtype,
+    frozen=table.frozen,
+  )
+  kernel = _compiled_decode(policy, f"named_embed.{caller}")
+  logits = kernel(prefix.data_array, rows_array)
+  batch = {
+    name: size
+    for name, size in prefix.named_axes.items()
+    if name not in embedding_axes
+  }
+  batch[table.vocabulary_axis] = rows_array.shape[0]
+  return _named.named_result(logits, batch)
 
 
 @pz.pytree_dataclass

@@ -121,31 +121,26 @@ def _lookup(
   caller: str,
 ) -> pz.nx.NamedArray:
   """`lookup` with options already validated into a `RowPolicy`."""
-  with jax.named_scope(f"named_embed.{caller}"):
-    rows_array = table.rows_array()
-    vocabulary_axis = table.vocabulary_axis
-    embedding_axes = table.embedding_axes
-    ids, token_axes = _named.split_tokens(tokens)
-    if token_axes:
-      _named.check_no_clash(
-        f"named_embed.{caller}", token_axes, (vocabulary_axis, *embedding_axes)
-      )
-    runtime_check = False
-    if policy.out_of_range == "error":
-      if isinstance(ids, jax.core.Tracer):
-        runtime_check = True
-      else:
-        _bounds_check.raise_if_out_of_range(
-          np.asarray(ids), rows_array.shape[0]
-        )
-    policy = dataclasses.replace(
-      policy,
-      padding_index=table.padding_index,
-      frozen=table.frozen,
-      runtime_check=runtime_check,
+  rows_array, embedding_axes = table.rows_and_axes()
+  ids, token_axes = _named.split_tokens(tokens)
+  if token_axes:
+    _named.check_no_clash(
+      f"named_embed.{caller}",
+      token_axes,
+      (table.vocabulary_axis, *embedding_axes),
     )
-    rows = _gather.gather_rows_jit(rows_array, ids, policy)
-    return _named.named_result(rows, {**token_axes, **embedding_axes})
+  runtime_check = False
+  if policy.out_of_range == "error":
+    if isinstance(ids, jax.core.Tracer):
+      runtime_check = True
+    else:
+      _bounds_check.raise_if_out_of_range(np.asarray(ids), rows_array.shape[0])
+  policy = _gather.table_policy(
+    policy, table.padding_index, table.frozen, runtime_check
+  )
+  kernel = _gather.compiled_gather(policy, f"named_embed.{caller}")
+  rows = kernel(rows_array, ids)
+  return _named.named_result(rows, {**token_axes, **embedding_axes})
 
 
 @pz.pytree_dataclass

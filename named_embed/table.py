@@ -291,11 +291,31 @@ class EmbeddingTable(pz.Struct):
     ...     ).rows_array().shape
     (4, 2)
     """
+    return self.rows_and_axes()[0]
+
+  def rows_and_axes(self) -> tuple[jax.Array, dict[str, int]]:
+    """`rows_array` and `embedding_axes` together, reading the value once.
+
+    >>> import numpy as np, named_embed as ne
+    >>> rows, axes = ne.EmbeddingTable.from_pretrained(
+    ...     np.ones((4, 2), np.float32)).rows_and_axes()
+    >>> rows.shape, axes
+    ((4, 2), {'embedding': 2})
+    """
     value = self.value
-    order = (self.vocabulary_axis, *self.embedding_axes)
-    if isinstance(value, pz.nx.NamedArray) and tuple(value.named_axes) == order:
-      return value.data_array
-    return value.untag(*order).unwrap()
+    vocabulary_axis = self.vocabulary_axis
+    if isinstance(value, pz.nx.NamedArray):
+      named_axes = value.named_axes
+      if next(iter(named_axes)) == vocabulary_axis:
+        axes = dict(named_axes)
+        del axes[vocabulary_axis]
+        return value.data_array, axes
+    axes = {
+      name: size
+      for name, size in value.named_shape.items()
+      if name != vocabulary_axis
+    }
+    return value.untag(vocabulary_axis, *axes).unwrap(), axes
 
   def renormalized(
     self, max_norm: float, norm_type: float = 2.0
