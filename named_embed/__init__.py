@@ -6,12 +6,14 @@ The public surface, re-exported from the modules that define it::
   table = ne.EmbeddingTable.from_config(...)   # or .from_pretrained(...)
   ne.EmbeddingLookup(table)(tokens); ne.EmbeddingDecode(table)(hidden)
   ne.lookup(table, tokens); ne.decode(table, hidden)
+  ne.decode_cross_entropy(table, hidden, targets)   # never builds the logits
 """
 
 from named_embed.decode import EmbeddingDecode as EmbeddingDecode
 from named_embed.decode import decode as decode
 from named_embed.lookup import EmbeddingLookup as EmbeddingLookup
 from named_embed.lookup import lookup as lookup
+from named_embed.loss import decode_cross_entropy as decode_cross_entropy
 from named_embed.table import EmbeddingTable as EmbeddingTable
 
 __version__ = "0.1.0"
@@ -21,5 +23,6 @@ __all__ = [
   "EmbeddingLookup",
   "EmbeddingTable",
   "decode",
+  "decode_cross_entropy",
   "lookup",
 ]

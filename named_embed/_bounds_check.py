@@ -31,7 +31,8 @@ MAX_REPORTED = 8
 def out_of_range_message(ids: np.ndarray, vocab_size: int) -> str | None:
   """Describes the ids of ``ids`` outside ``[0, vocab_size)``, or None."""
   ids = np.asarray(ids)
-  bad = (ids < 0) | (ids >= vocab_size)
+  wide = ids.astype(np.int64) if ids.dtype.itemsize < 8 else ids
+  bad = (wide < 0) | (wide >= vocab_size)
   count = int(bad.sum())
   if not count:
     return None
@@ -74,13 +75,15 @@ def _impl(ids, *, vocab_size):
 
 
 def _runtime_check(ids, *, vocab_size):
+  wide = ids.astype(jnp.int32) if ids.dtype.itemsize < 4 else ids
+
   def fail(ids):
     shape = jax.ShapeDtypeStruct(ids.shape, ids.dtype)
     return io_callback(
       lambda x: _host_check(x, vocab_size=vocab_size), shape, ids
     )
 
-  bad = (ids < 0) | (ids >= vocab_size)
+  bad = (wide < 0) | (wide >= vocab_size)
   return lax.cond(jnp.any(bad), fail, lambda ids: ids, ids)
 
 
@@ -109,7 +112,8 @@ def _register_checkify_rule() -> None:
     wanted = {checkify_internals.FailedCheckError, checkify_internals.OOBError}
     if not wanted & set(enabled_errors):
       return error, ids
-    bad = (ids < 0) | (ids >= vocab_size)
+    wide = ids.astype(jnp.int32) if ids.dtype.itemsize < 4 else ids
+    bad = (wide < 0) | (wide >= vocab_size)
     first = jnp.argmax(bad.reshape(-1))
     position = (
       jnp.stack(jnp.unravel_index(first, ids.shape))

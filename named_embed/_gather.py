@@ -67,6 +67,9 @@ def safe_ids(
   ``valid`` is None unless the policy is ``"fill"``, where it marks the ids
   that were already in range.
   """
+  if jnp.dtype(ids.dtype).itemsize < 4:
+    # uint8/int16 ids cannot hold V (or V - 1) for larger vocabularies.
+    ids = ids.astype(jnp.int32)
   mode = policy.out_of_range
   if mode == "fill":
     valid = (ids >= 0) & (ids < vocab_size)
@@ -120,12 +123,21 @@ _renorm_straight_through.defvjp(_renorm_fwd, _renorm_bwd)
 
 
 def _gradient_weight(
-  safe: jax.Array, vocab_size: int, policy: RowPolicy
+  safe: jax.Array,
+  valid: jax.Array | None,
+  vocab_size: int,
+  policy: RowPolicy,
 ) -> jax.Array | None:
-  """Per-token gradient weight: 0 on the padding row, 1/count by frequency."""
+  """Per-token gradient weight: 0 on the padding row, 1/count by frequency.
+
+  Counts are of rows actually read; ids dropped by ``"fill"`` count for
+  nothing.
+  """
   weight = None
   if policy.scale_grad_by_freq:
-    counts = jnp.zeros((vocab_size,), jnp.int32).at[safe].add(1)
+    ones = jnp.ones((), jnp.int32) if valid is None else valid.astype(jnp.int32)
+    ones = jnp.broadcast_to(ones, safe.shape)
+    counts = jnp.zeros((vocab_size,), jnp.int32).at[safe].add(ones)
     weight = 1.0 / counts[safe].astype(jnp.float32)
   if policy.padding_index is not None:
     keep = safe != policy.padding_index
@@ -152,7 +164,7 @@ def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
     rows = _renorm_straight_through(
       rows, policy.max_norm, policy.norm_type, ids.ndim
     )
-  weight = _gradient_weight(safe, vocab_size, policy)
+  weight = _gradient_weight(safe, valid, vocab_size, policy)
   if weight is not None:
     rows = _scale_gradient(rows, weight)
   if valid is not None:

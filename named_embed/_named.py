@@ -37,8 +37,8 @@ def split_tokens(
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise TypeError(
       f"`{argument}` must hold integer token ids, got dtype {ids.dtype}"
-      f" (shape {tuple(ids.shape)}). Floats are never truncated silently:"
-      f" convert explicitly, e.g. `{argument}.astype(jnp.int32)`."
+      f" (shape {tuple(ids.shape)}). Non-integer ids are never converted"
+      f" silently: convert explicitly, e.g. `{argument}.astype(jnp.int32)`."
     )
   return ids, named
 

@@ -11,7 +11,7 @@ import numpy as np
 from penzai import pz
 
 from named_embed import _bounds_check, _gather, _named, _norms
-from named_embed._validation import check_float_dtype
+from named_embed._validation import check_float_dtype, resolve_padding_index
 from named_embed.table import EmbeddingTable
 
 
@@ -135,8 +135,11 @@ def _lookup(
       runtime_check = True
     else:
       _bounds_check.raise_if_out_of_range(np.asarray(ids), rows_array.shape[0])
+  padding_index = resolve_padding_index(
+    table.padding_index, rows_array.shape[0]
+  )
   policy = _gather.table_policy(
-    policy, table.padding_index, table.frozen, runtime_check
+    policy, padding_index, table.frozen, runtime_check
   )
   kernel = _gather.compiled_gather(policy, f"named_embed.{caller}")
   rows = kernel(rows_array, ids)

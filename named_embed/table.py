@@ -191,7 +191,9 @@ class EmbeddingTable(pz.Struct):
         gradients; if False, a `pz.Parameter` labelled ``f"{name}.embeddings"``.
 
     Returns:
-      A new table. The array is stored as given (no copy, no cast).
+      A new table. A jax array is stored as given (no copy, no cast); a
+      numpy array is moved to the default device (float64 becomes float32
+      unless ``jax_enable_x64`` is set, as everywhere in JAX).
 
     Raises:
       ValueError: for a 1-D array, axis names that do not fit the array, or

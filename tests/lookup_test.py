@@ -463,3 +463,53 @@ def test_layer_under_variable_jit_and_unbound_params():
 
   out = apply([p.freeze() for p in params], ids)
   np.testing.assert_array_equal(raw(out, "s", "embedding"), expected)
+
+
+# ------------------------------------------------------------ regressions
+
+
+@pytest.mark.parametrize("policy", ["fill", "clip", "wrap", "error"])
+def test_narrow_id_dtypes_reach_rows_beyond_their_range(run, policy):
+  rows = np.arange(300, dtype=np.float32).reshape(300, 1)
+  table = ne.EmbeddingTable.from_pretrained(rows)
+  ids = jnp.array([255, 7], jnp.uint8)
+  out = run(lambda t, i: ne.lookup(t, i, out_of_range=policy), table, ids)
+  np.testing.assert_array_equal(raw(out, "embedding"), [[255.0], [7.0]])
+  ids16 = jnp.array([-2, 299], jnp.int16)
+  out = run(lambda t, i: ne.lookup(t, i, out_of_range="wrap"), table, ids16)
+  np.testing.assert_array_equal(raw(out, "embedding"), [[298.0], [299.0]])
+
+
+def test_frequency_counts_ignore_ids_dropped_by_fill():
+  grad = grad_of(
+    trainable(), np.array([0, 9, 9, -1, 0]), scale_grad_by_freq=True
+  )
+  np.testing.assert_allclose(grad[0], (C[0] + C[4]) / 2, rtol=1e-6)
+  np.testing.assert_array_equal(grad[1:], 0.0)
+
+
+def test_padding_index_of_a_table_bound_after_construction_is_resolved():
+  slot_table = ne.EmbeddingTable(pz.ParameterSlot("x"), padding_index=-1)
+  bound = pz.bind_variables(
+    slot_table,
+    [
+      pz.ParameterValue(
+        value=pz.nx.wrap(W, "vocabulary", "embedding"), label="x"
+      )
+    ],
+  )
+  grad = grad_of(bound, np.array([3, 0, 0, 0, 0]))
+  np.testing.assert_array_equal(grad[3], [0.0, 0.0])
+  bad = ne.EmbeddingTable(pz.ParameterSlot("x"), padding_index=9)
+  bad = pz.bind_variables(
+    bad,
+    [
+      pz.ParameterValue(
+        value=pz.nx.wrap(W, "vocabulary", "embedding"), label="x"
+      )
+    ],
+  )
+  with pytest.raises(
+    ValueError, match=r"`padding_index` 9 is outside \[-4, 4\)"
+  ):
+    ne.lookup(bad, np.array([0]))

@@ -1,0 +1,257 @@
+"""`decode_cross_entropy`: decode fused with softmax cross-entropy, by name."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from named_embed import _bounds_check, _chunked_ce, _gather, _named
+from named_embed.decode import (
+  EmbeddingDecode,
+  _check_hidden,
+  _decode_options,
+  _joint_dtype,
+)
+from named_embed.table import EmbeddingTable
+
+REDUCTIONS = ("mean", "sum", "none")
+CHUNK_TARGET_BYTES = 32 * 2**20
+"""Default chunking keeps one ``[tokens, chunk]`` float32 buffer near this."""
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
+  """A power of two in ``[256, 16384]`` with ``tokens * chunk * 4`` bytes
+  near `CHUNK_TARGET_BYTES`, or the whole vocabulary if that is smaller.
+
+  >>> from named_embed.loss import default_chunk_size
+  >>> default_chunk_size(8192, 128_000), default_chunk_size(64, 1000)
+  (1024, 1000)
+  """
+  budget = max(1, CHUNK_TARGET_BYTES // (4 * max(num_tokens, 1)))
+  chunk = 2 ** int(math.floor(math.log2(budget)))
+  chunk = min(max(chunk, 256), 16384)
+  return min(chunk, vocab_size)
+
+
+def _check_options(chunk_size, label_smoothing, z_loss, reduction):
+  if chunk_size is not None and (
+    isinstance(chunk_size, bool)
+    or not isinstance(chunk_size, int)
+    or chunk_size <= 0
+  ):
+    raise ValueError(
+      f"`chunk_size` must be a positive int or None, got {chunk_size!r}."
+    )
+  if not 0.0 <= label_smoothing <= 1.0:
+    raise ValueError(
+      f"`label_smoothing` must be in [0, 1], got {label_smoothing}."
+    )
+  if not z_loss >= 0.0:
+    raise ValueError(f"`z_loss` must be non-negative, got {z_loss}.")
+  if reduction not in REDUCTIONS:
+    raise ValueError(
+      f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}."
+    )
+
+
+def _flatten_inputs(embedding_axes, prefix, targets, where):
+  """Raw ``hidden [N, E]``, ``targets [N]``, ``mask [N]`` and the batch axes."""
+  batch = {
+    n: s for n, s in prefix.named_axes.items() if n not in embedding_axes
+  }
+  if isinstance(targets, pz.nx.NamedArrayBase):
+    target_prefix = _named.as_prefix_layout(targets)
+  else:
+    target_prefix = pz.nx.wrap(jnp.asarray(targets))
+  if (
+    dict(target_prefix.named_shape) != batch
+    or target_prefix.positional_shape != prefix.positional_shape
+  ):
+    raise ValueError(
+      "named_embed.decode_cross_entropy: `targets` must have exactly the"
+      f" batch axes of `hidden`: named {batch} and positional"
+      f" {prefix.positional_shape}; got named"
+      f" {dict(target_prefix.named_shape)} and positional"
+      f" {target_prefix.positional_shape}."
+    )
+  order = tuple(target_prefix.named_axes)
+  ids, _ = _named.split_tokens(target_prefix, "targets")
+  hidden = prefix.order_as(*order, *embedding_axes).data_array
+  n = math.prod(prefix.positional_shape) * math.prod(batch.values())
+  mask = None
+  if where is not None:
+    if isinstance(where, pz.nx.NamedArrayBase):
+      where = _named.as_prefix_layout(where)
+      if dict(where.named_shape) != batch:
+        raise ValueError(
+          f"`where` has axes {dict(where.named_shape)}; expected the batch"
+          f" axes {batch} of `hidden`."
+        )
+      where = where.order_as(*order).data_array
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_ or where.size != n:
+      raise ValueError(
+        f"`where` must be a boolean mask over the batch axes {batch}; got"
+        f" dtype {where.dtype} and shape {where.shape}."
+      )
+    mask = where.reshape(n)
+  shape = (*prefix.positional_shape, *(batch[name] for name in order))
+  return (
+    hidden.reshape(n, -1),
+    ids.reshape(n),
+    mask,
+    shape,
+    {name: batch[name] for name in order},
+  )
+
+
+def decode_cross_entropy(
+  table_or_decode: EmbeddingTable | EmbeddingDecode,
+  hidden: pz.nx.NamedArrayBase,
+  targets: pz.nx.NamedArrayBase | jax.typing.ArrayLike,
+  *,
+  chunk_size: int | None = None,
+  soft_cap: float | None = None,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
+  where: pz.nx.NamedArrayBase | jax.typing.ArrayLike | None = None,
+  reduction: str = "mean",
+  out_of_range: str = "fill",
+) -> jax.Array | pz.nx.NamedArray:
+  """Softmax cross-entropy of decoded logits, without building the logits.
+
+  Equal (within float tolerance, values and gradients with respect to
+  ``hidden`` and the table) to ``log_softmax`` of ``decode(table, hidden)``
+  followed by the usual cross-entropy, but the ``[tokens, vocabulary]``
+  logits never exist: the vocabulary is scanned in chunks with an online
+  log-sum-exp, and the backward pass recomputes each chunk.
+
+  Args:
+    table_or_decode: An `EmbeddingTable`, or an `EmbeddingDecode` whose table
+      (and ``soft_cap``, unless one is given here) is used.
+    hidden: A `NamedArray` with the table's embedding axes plus batch axes.
+    targets: Integer target ids with exactly the batch axes of ``hidden``.
+    chunk_size: Vocabulary rows per chunk; None picks a power of two that
+      keeps one ``[tokens, chunk]`` float32 buffer near 32 MiB.
+    soft_cap: If set, logits are ``soft_cap * tanh(logits / soft_cap)``.
+    label_smoothing: ``eps`` in ``[0, 1]``: the target distribution is
+      ``(1 - eps) * one_hot + eps / V``.
+    z_loss: Adds ``z_loss * logsumexp(logits) ** 2`` per position.
+    where: Boolean mask over the batch axes; masked-out positions contribute
+      exactly nothing (no NaN leaks, even from an out-of-range target).
+    reduction: ``"mean"`` (over unmasked positions), ``"sum"``, or
+      ``"none"`` (a `NamedArray` over the batch axes, zero where masked).
+    out_of_range: Policy for targets outside ``[0, V)``, as for lookups:
+      ``"fill"`` (NaN loss there, no gradient), ``"clip"``, ``"wrap"``,
+      ``"error"``.
+
+  Returns:
+    A scalar for ``"mean"`` / ``"sum"``, else a `NamedArray`. The dtype is
+    the joint dtype of hidden and table; arithmetic is at least float32.
+
+  Raises:
+    ValueError: for mismatched axes or bad options.
+    TypeError: for non-integer targets.
+    IndexError: for out-of-range targets under ``"error"``.
+
+  Example:
+
+  >>> import jax, numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> table = ne.EmbeddingTable.from_config(
+  ...     name="e", init_base_rng=jax.random.key(0), vocab_size=50,
+  ...     embedding_axes={"embedding": 8})
+  >>> hidden = pz.nx.wrap(np.ones((3, 8), np.float32)).tag("seq", "embedding")
+  >>> targets = pz.nx.wrap(np.array([1, 2, 3])).tag("seq")
+  >>> loss = ne.decode_cross_entropy(table, hidden, targets, chunk_size=16)
+  >>> logits = ne.decode(table, hidden).untag("seq", "vocabulary").unwrap()
+  >>> naive = -jax.nn.log_softmax(logits)[np.arange(3), [1, 2, 3]].mean()
+  >>> bool(np.isclose(loss, naive, rtol=1e-5))
+  True
+  """
+  if isinstance(table_or_decode, EmbeddingDecode):
+    table = table_or_decode.table
+    if soft_cap is None:
+      soft_cap = table_or_decode.soft_cap
+  else:
+    table = table_or_decode
+  soft_cap, _ = _decode_options(soft_cap, None)
+  _check_options(chunk_size, label_smoothing, z_loss, reduction)
+  policy = _gather.RowPolicy(out_of_range=out_of_range)
+  if out_of_range not in _gather.OUT_OF_RANGE_POLICIES:
+    raise ValueError(
+      f"`out_of_range` must be one of {_gather.OUT_OF_RANGE_POLICIES}, got"
+      f" {out_of_range!r}."
+    )
+  rows, embedding_axes = table.rows_and_axes()
+  prefix = _check_hidden(table, embedding_axes, hidden, "decode_cross_entropy")
+  h, ids, mask, shape, batch = _flatten_inputs(
+    embedding_axes, prefix, targets, where
+  )
+  vocab_size = rows.shape[0]
+  runtime_check = False
+  if out_of_range == "error":
+    if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
+      runtime_check = True
+    else:
+      checked = ids if mask is None else np.where(np.asarray(mask), ids, 0)
+      _bounds_check.raise_if_out_of_range(np.asarray(checked), vocab_size)
+  policy = _gather.table_policy(policy, None, table.frozen, runtime_check)
+  config = _chunked_ce.LossConfig(
+    chunk_size=chunk_size or default_chunk_size(h.shape[0], vocab_size),
+    soft_cap=soft_cap,
+    label_smoothing=float(label_smoothing),
+    z_loss=float(z_loss),
+  )
+  kernel = _compiled_loss(policy, config, reduction)
+  losses = kernel(h, rows, ids, mask)
+  if reduction == "none":
+    return _named.named_result(losses.reshape(shape), batch)
+  return losses
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_loss(
+  policy: _gather.RowPolicy, config: _chunked_ce.LossConfig, reduction: str
+):
+  """The whole loss for one static configuration, jitted once."""
+
+  def decode_cross_entropy_kernel(hidden, rows, ids, mask):
+    with jax.named_scope("named_embed.decode_cross_entropy"):
+      vocab_size = rows.shape[0]
+      if mask is not None:  # masked targets are never checked nor NaN-filled
+        ids = jnp.where(mask, ids, jnp.zeros_like(ids))
+      safe, valid = _gather.safe_ids(ids, vocab_size, policy)
+      if hidden.dtype != rows.dtype:  # joint dtype; table cast per chunk
+        hidden = hidden.astype(_joint_dtype(hidden.dtype, rows.dtype))
+      if policy.frozen:
+        rows = jax.lax.stop_gradient(rows)
+      flat_rows = rows.reshape(vocab_size, -1)  # a bitcast, not a copy
+      losses = _chunked_ce.chunked_cross_entropy(
+        hidden, flat_rows, safe, config
+      )
+      return _reduce(losses, valid, mask, reduction)
+
+  return jax.jit(decode_cross_entropy_kernel)
+
+
+def _reduce(losses, valid, mask, reduction):
+  """NaN where ``valid`` is False, zero where ``mask`` is, then reduce."""
+  nan = jnp.full((), jnp.nan, losses.dtype)
+  zero = jnp.zeros((), losses.dtype)
+  if valid is not None:
+    losses = jnp.where(valid, losses, nan)
+  if mask is not None:
+    losses = jnp.where(mask, losses, zero)
+  if reduction == "none":
+    return losses
+  total = jnp.sum(losses)
+  if reduction == "sum":
+    return total
+  count = losses.shape[0] if mask is None else jnp.sum(mask)
+  return total / jnp.asarray(count, losses.dtype)
