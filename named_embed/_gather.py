@@ -32,6 +32,7 @@ import numpy as np
 from named_embed import _bounds_check, _norms
 
 OUT_OF_RANGE_POLICIES = ("fill", "clip", "wrap", "error")
+STRATEGIES = ("gather", "one_hot")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,9 @@ class RowPolicy:
     dtype: Compute dtype of the returned rows, or None for the table's.
     frozen: Stop the table's gradient.
     runtime_check: Check ids inside the kernel (``"error"`` on traced ids).
+    strategy: ``"gather"`` (index the rows) or ``"one_hot"`` (contract a
+      one-hot ``[tokens, V]`` matrix with the table: a matmul forwards and
+      backwards, no scatter).
   """
 
   out_of_range: str = "fill"
@@ -57,6 +61,7 @@ class RowPolicy:
   dtype: np.dtype | None = None
   frozen: bool = False
   runtime_check: bool = False
+  strategy: str = "gather"
 
 
 def safe_ids(
@@ -148,6 +153,18 @@ def _gradient_weight(
   return weight
 
 
+def _one_hot_rows(table: jax.Array, safe: jax.Array) -> jax.Array:
+  """``one_hot(safe, V) @ table``, exact in every float dtype."""
+  one_hot = jax.nn.one_hot(safe, table.shape[0], dtype=table.dtype)
+  return jax.lax.dot_general(
+    one_hot,
+    table,
+    (((one_hot.ndim - 1,), (0,)), ((), ())),
+    precision=jax.lax.Precision.HIGHEST,
+    preferred_element_type=table.dtype,
+  )
+
+
 def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
   """Looks up ``ids`` in ``table`` (``[V, *embedding]``) under ``policy``."""
   vocab_size = table.shape[0]
@@ -158,8 +175,12 @@ def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
   if vocab_size == 1:
     # Broadcast instead of gather: the backward pass is a sum, not a scatter.
     rows = jnp.broadcast_to(table[0], out_shape)
+  elif policy.strategy == "one_hot":
+    rows = _one_hot_rows(table, safe)
   else:
-    rows = table.at[safe].get(mode="promise_in_bounds")
+    rows = table.at[safe].get(
+      mode="promise_in_bounds", wrap_negative_indices=False
+    )
   if policy.max_norm is not None:
     rows = _renorm_straight_through(
       rows, policy.max_norm, policy.norm_type, ids.ndim

@@ -22,6 +22,7 @@ def _lookup_policy(
   norm_type: float = 2.0,
   scale_grad_by_freq: bool = False,
   dtype: Any = None,
+  strategy: str = "gather",
 ) -> _gather.RowPolicy:
   """Validates lookup options once per distinct combination.
 
@@ -33,6 +34,10 @@ def _lookup_policy(
     raise ValueError(
       f"`out_of_range` must be one of {_gather.OUT_OF_RANGE_POLICIES}, got"
       f" {out_of_range!r}."
+    )
+  if strategy not in _gather.STRATEGIES:
+    raise ValueError(
+      f"`strategy` must be one of {_gather.STRATEGIES}, got {strategy!r}."
     )
   if max_norm is not None:
     max_norm, norm_type = _norms.check_renorm_args(max_norm, norm_type)
@@ -50,6 +55,7 @@ def _lookup_policy(
     norm_type=float(norm_type),
     scale_grad_by_freq=scale_grad_by_freq,
     dtype=dtype,
+    strategy=strategy,
   )
 
 
@@ -62,6 +68,7 @@ def lookup(
   norm_type: float = 2.0,
   scale_grad_by_freq: bool = False,
   dtype: jax.typing.DTypeLike | None = None,
+  strategy: str = "gather",
 ) -> pz.nx.NamedArray:
   """Looks up token ids in ``table``; the functional form of `EmbeddingLookup`.
 
@@ -83,6 +90,13 @@ def lookup(
     scale_grad_by_freq: Divide the gradient reaching each row by the number
       of times the row occurs in ``tokens``.
     dtype: Cast the looked-up rows (never the whole table) to this dtype.
+    strategy: ``"gather"`` (default) indexes the rows; ``"one_hot"``
+      multiplies a one-hot ``[tokens, V]`` matrix with the table, which
+      turns the backward scatter-add into a matmul. One-hot wins for small
+      vocabularies on TPU (and for sharded tables on some meshes); it costs
+      ``2 * tokens * V * E`` FLOPs, so on CPU and GPU gather is faster
+      (see ``docs/performance.md``). Both give identical values and
+      gradients (a row holding ``inf`` turns into NaN under one-hot).
 
   Returns:
     A `NamedArray` with the token axes (positional ones first, unnamed)
@@ -109,7 +123,7 @@ def lookup(
   [[nan, nan], [nan, nan]]
   """
   policy = _lookup_policy(
-    out_of_range, max_norm, norm_type, scale_grad_by_freq, dtype
+    out_of_range, max_norm, norm_type, scale_grad_by_freq, dtype, strategy
   )
   return _lookup(table, tokens, policy, "lookup")
 
@@ -183,6 +197,8 @@ class EmbeddingLookup(pz.nn.Layer):
     norm_type: p of the renorm p-norm (default 2).
     scale_grad_by_freq: Divide each row's gradient by its count in the call.
     dtype: Compute dtype for the returned rows, or None for the table's.
+    strategy: ``"gather"`` (default) or ``"one_hot"``; see
+      `named_embed.lookup`.
   """
 
   table: EmbeddingTable
@@ -199,6 +215,9 @@ class EmbeddingLookup(pz.nn.Layer):
     default=False, metadata={"pytree_node": False}
   )
   dtype: Any = dataclasses.field(default=None, metadata={"pytree_node": False})
+  strategy: str = dataclasses.field(
+    default="gather", metadata={"pytree_node": False}
+  )
 
   def __post_init__(self):
     self.policy  # noqa: B018 - validate the options now.
@@ -212,6 +231,7 @@ class EmbeddingLookup(pz.nn.Layer):
       self.norm_type,
       self.scale_grad_by_freq,
       self.dtype,
+      self.strategy,
     )
 
   def __call__(

@@ -513,3 +513,46 @@ def test_padding_index_of_a_table_bound_after_construction_is_resolved():
     ValueError, match=r"`padding_index` 9 is outside \[-4, 4\)"
   ):
     ne.lookup(bad, np.array([0]))
+
+
+# ------------------------------------------------------------ strategies
+
+
+@pytest.mark.parametrize("policy", ["fill", "clip", "wrap"])
+def test_one_hot_strategy_equals_gather_values_and_gradients(run, policy):
+  table = trainable(padding_index=2)
+  ids = np.array([0, 5, -1, 3, 3])
+  options = dict(out_of_range=policy, max_norm=3.0, scale_grad_by_freq=True)
+  gathered = run(lambda t, i: ne.lookup(t, i, **options), table, ids)
+  one_hot = run(
+    lambda t, i: ne.lookup(t, i, strategy="one_hot", **options), table, ids
+  )
+  np.testing.assert_array_equal(
+    raw(one_hot, "embedding"), raw(gathered, "embedding")
+  )
+  np.testing.assert_allclose(
+    grad_of(table, ids, run, strategy="one_hot", **options),
+    grad_of(table, ids, run, **options),
+    rtol=1e-6,
+  )
+
+
+def test_one_hot_backward_has_no_scatter_and_is_exact_in_bfloat16():
+  rows = jnp.asarray(np.random.default_rng(1).normal(size=(9, 4)), jnp.bfloat16)
+  table = ne.EmbeddingTable.from_pretrained(rows)
+  ids = np.array([8, 0, 4])
+  layer = ne.EmbeddingLookup(table, strategy="one_hot")
+  np.testing.assert_array_equal(
+    np.asarray(raw(layer(ids), "embedding"), np.float32),
+    np.asarray(rows[ids], np.float32),
+  )
+
+  def loss(t):
+    return jnp.sum(data(ne.lookup(t, ids, strategy="one_hot"), "embedding"))
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable()).jaxpr
+  primitives = {eqn.primitive.name for eqn in _all_eqns(jaxpr)}
+  assert "dot_general" in primitives
+  assert not {p for p in primitives if "scatter" in p or "gather" in p}
+  with pytest.raises(ValueError, match=r"`strategy` must be one of"):
+    ne.EmbeddingLookup(table, strategy="matmul")
