@@ -6,6 +6,8 @@ inside named_embed fails a test instead of costing users later.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -23,6 +25,17 @@ def data(named: pz.nx.NamedArrayBase, *order: str) -> jax.Array:
 def raw(named: pz.nx.NamedArrayBase, *order: str) -> np.ndarray:
   """`data` as a numpy array."""
   return np.asarray(data(named, *order))
+
+
+def compiled_ops(f, *args) -> list[tuple[str, str]]:
+  """``(op, result shape)`` of every instruction in the optimised HLO."""
+  text = jax.jit(f).lower(*args).compile().as_text()
+  found = []
+  for line in text.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) ([a-z][a-z0-9\-]*)\(", line)
+    if match:
+      found.append((match.group(2), match.group(1)))
+  return found
 
 
 @pytest.fixture(params=["eager", "jit"])

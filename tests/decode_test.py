@@ -212,3 +212,19 @@ def test_variable_jit_and_freeze_params_pipeline():
     expected,
     rtol=1e-6,
   )
+
+
+def test_compiled_decode_is_the_raw_einsum():
+  from conftest import compiled_ops
+
+  rows = jnp.ones((1000, 64), jnp.bfloat16)
+  table = ne.EmbeddingTable.from_pretrained(rows)
+  hidden = pz.nx.wrap(jnp.ones((8, 16, 64), jnp.bfloat16)).tag(
+    "b", "s", "embedding"
+  )
+  ours = compiled_ops(lambda t, h: ne.decode(t, h).data_array, table, hidden)
+  raw_einsum = compiled_ops(
+    lambda w, h: jnp.einsum("bsd,vd->bsv", h, w), rows, hidden.data_array
+  )
+  assert sorted(op for op, _ in ours) == sorted(op for op, _ in raw_einsum)
+  assert "transpose" not in {op for op, _ in ours}

@@ -556,3 +556,31 @@ def test_one_hot_backward_has_no_scatter_and_is_exact_in_bfloat16():
   assert not {p for p in primitives if "scatter" in p or "gather" in p}
   with pytest.raises(ValueError, match=r"`strategy` must be one of"):
     ne.EmbeddingLookup(table, strategy="matmul")
+
+
+# ------------------------------------------------------------ compiled code
+
+
+def test_compiled_lookup_is_the_raw_take_with_no_transpose_or_table_copy():
+  from conftest import compiled_ops
+
+  rows = jnp.ones((1000, 64), jnp.bfloat16)
+  table = ne.EmbeddingTable.from_pretrained(rows)
+  ids = pz.nx.wrap(jnp.zeros((8, 16), jnp.int32)).tag("b", "s")
+  ours = compiled_ops(lambda t, i: ne.lookup(t, i).data_array, table, ids)
+  raw_take = compiled_ops(
+    lambda w, i: jnp.take(w, i, axis=0), rows, ids.data_array
+  )
+  kinds = {op for op, _ in ours}
+  assert "transpose" not in kinds
+  assert kinds <= {op for op, _ in raw_take}
+  assert [op for op, _ in ours].count("gather") == 1
+
+  def table_shaped(ops):  # XLA:CPU reads bf16 through a fused convert
+    return sorted(op for op, shape in ops if "[1000,64]" in shape)
+
+  assert table_shaped(ours) == table_shaped(raw_take)
+  cast = compiled_ops(
+    lambda t, i: ne.lookup(t, i, dtype=jnp.float32).data_array, table, ids
+  )
+  assert table_shaped(cast) == table_shaped(raw_take)
