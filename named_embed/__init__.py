@@ -15,6 +15,7 @@ from named_embed.lookup import EmbeddingLookup as EmbeddingLookup
 from named_embed.lookup import lookup as lookup
 from named_embed.loss import decode_cross_entropy as decode_cross_entropy
 from named_embed.table import EmbeddingTable as EmbeddingTable
+from named_embed.vocabulary import Vocabulary as Vocabulary
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
   "EmbeddingDecode",
   "EmbeddingLookup",
   "EmbeddingTable",
+  "Vocabulary",
   "decode",
   "decode_cross_entropy",
   "lookup",

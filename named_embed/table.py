@@ -20,6 +20,7 @@ from named_embed._validation import (
   check_positive_int,
   resolve_padding_index,
 )
+from named_embed.vocabulary import Vocabulary
 
 EmbeddingsLike = pz.Parameter | pz.ParameterValue | pz.nx.NamedArray
 
@@ -62,6 +63,9 @@ class EmbeddingTable(pz.Struct):
     vocabulary_axis: Name of the axis indexed by token ids.
     padding_index: Row of the padding token, or None. A lookup returns this
       row as stored and sends it no gradient (torch's ``padding_idx``).
+    vocabulary: The token strings of the rows (a `Vocabulary`), or None.
+      Static metadata: attaching it changes no pytree leaf, and its hash is
+      computed once, so jitted calls cost the same.
   """
 
   embeddings: EmbeddingsLike
@@ -69,6 +73,9 @@ class EmbeddingTable(pz.Struct):
     default="vocabulary", metadata={"pytree_node": False}
   )
   padding_index: int | None = dataclasses.field(
+    default=None, metadata={"pytree_node": False}
+  )
+  vocabulary: Vocabulary | None = dataclasses.field(
     default=None, metadata={"pytree_node": False}
   )
 
@@ -81,13 +88,14 @@ class EmbeddingTable(pz.Struct):
     value = _value_or_none(self.embeddings)
     if value is not None and hasattr(value, "named_shape"):
       _check_table_array(value, self.vocabulary_axis)
+      vocab_size = value.named_shape[self.vocabulary_axis]
       object.__setattr__(
         self,
         "padding_index",
-        resolve_padding_index(
-          self.padding_index, value.named_shape[self.vocabulary_axis]
-        ),
+        resolve_padding_index(self.padding_index, vocab_size),
       )
+      if self.vocabulary is not None:
+        _check_vocabulary(self.vocabulary, vocab_size, self.padding_index)
 
   # ---------------------------------------------------------------- builders
 
@@ -319,6 +327,39 @@ class EmbeddingTable(pz.Struct):
     }
     return value.untag(vocabulary_axis, *axes).unwrap(), axes
 
+  def with_vocabulary(self, vocabulary: Vocabulary | None) -> EmbeddingTable:
+    """Returns this table with ``vocabulary`` attached (or detached: None).
+
+    The vocabulary's ``pad`` role sets ``padding_index`` when the table has
+    none; when both are set they must agree.
+
+    Raises:
+      ValueError: if the vocabulary's length is not the table's vocab size,
+        or its pad row differs from ``padding_index``.
+
+    Example:
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32))
+    >>> vocab = ne.Vocabulary(["<pad>", "a", "b"], pad="<pad>")
+    >>> table = table.with_vocabulary(vocab)
+    >>> table.padding_index, table.vocabulary.token(2)
+    (0, 'b')
+    """
+    padding_index = self.padding_index
+    if vocabulary is not None:
+      if not isinstance(vocabulary, Vocabulary):
+        raise TypeError(
+          f"`vocabulary` must be a named_embed.Vocabulary, got"
+          f" {type(vocabulary).__name__}."
+        )
+      if padding_index is None:
+        padding_index = vocabulary.pad_id
+      _check_vocabulary(vocabulary, self.vocab_size, padding_index)
+    return dataclasses.replace(
+      self, vocabulary=vocabulary, padding_index=padding_index
+    )
+
   def renormalized(
     self, max_norm: float, norm_type: float = 2.0
   ) -> EmbeddingTable:
@@ -371,6 +412,22 @@ def _value_or_none(embeddings: Any) -> pz.nx.NamedArrayBase | None:
   if isinstance(embeddings, (pz.Parameter, pz.ParameterValue)):
     return embeddings.value
   return None
+
+
+def _check_vocabulary(
+  vocabulary: Vocabulary, vocab_size: int, padding_index: int | None
+) -> None:
+  if len(vocabulary) != vocab_size:
+    raise ValueError(
+      f"The vocabulary has {len(vocabulary)} tokens but the table has"
+      f" {vocab_size} rows; they must match one to one."
+    )
+  pad = vocabulary.pad_id
+  if pad is not None and padding_index is not None and pad != padding_index:
+    raise ValueError(
+      f"The vocabulary's pad token {vocabulary.token(pad)!r} is row {pad},"
+      f" but the table's padding_index is {padding_index}."
+    )
 
 
 def _check_table_array(value: pz.nx.NamedArrayBase, vocabulary_axis: str):

@@ -1,0 +1,338 @@
+"""`Vocabulary`: the token strings of a table's rows, and their roles."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+SPECIAL_ROLES = ("pad", "unk", "bos", "eos")
+
+_ROLE_GUESSES = {
+  "pad": ("[PAD]", "<pad>", "<PAD>"),
+  "unk": ("[UNK]", "<unk>", "<UNK>"),
+  "bos": ("[CLS]", "<s>", "<bos>", "<|begin_of_text|>", "<BOS>"),
+  "eos": ("[SEP]", "</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>"),
+}
+
+
+class Vocabulary:
+  """Token strings for the rows of an embedding table, with special roles.
+
+  Immutable and hashable: its hash is computed once, so a table that
+  carries a vocabulary (as static pytree metadata) costs nothing more under
+  `jax.jit`. Row ``i`` of a table is token ``tokens[i]``.
+
+  Example:
+
+  >>> import named_embed as ne
+  >>> vocab = ne.Vocabulary(["<pad>", "<unk>", "the", "cat"], pad="<pad>",
+  ...                       unk="<unk>")
+  >>> vocab.id("cat"), vocab.token(2), vocab.pad_id, len(vocab)
+  (3, 'the', 0, 4)
+  >>> vocab.encode(["the", "dog"])  # unknown tokens map to unk
+  [2, 1]
+  >>> vocab.decode([3, 2])
+  ['cat', 'the']
+
+  Args:
+    tokens: The token strings, row by row; no duplicates.
+    pad: Token playing the padding role (wired to the table's
+      ``padding_index`` by `EmbeddingTable.with_vocabulary`), or None.
+    unk: Token returned for unknown strings by `id` / `encode`, or None
+      (unknown strings are then a `KeyError`).
+    bos: Beginning-of-sequence token, or None.
+    eos: End-of-sequence token, or None.
+
+  Raises:
+    ValueError: for duplicate or non-string tokens, or a role naming a
+      token that is not in the vocabulary.
+  """
+
+  __slots__ = ("_tokens", "_ids", "_roles", "_hash")
+
+  def __init__(
+    self,
+    tokens: Iterable[str],
+    *,
+    pad: str | None = None,
+    unk: str | None = None,
+    bos: str | None = None,
+    eos: str | None = None,
+  ):
+    tokens = tuple(tokens)
+    ids: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+      if not isinstance(token, str):
+        raise ValueError(
+          f"Vocabulary tokens must be strings; row {i} is {token!r}."
+        )
+      if token in ids:
+        raise ValueError(
+          f"Vocabulary token {token!r} appears twice: rows {ids[token]} and"
+          f" {i}."
+        )
+      ids[token] = i
+    roles = {"pad": pad, "unk": unk, "bos": bos, "eos": eos}
+    for role, token in roles.items():
+      if token is not None and token not in ids:
+        raise ValueError(
+          f"`{role}` token {token!r} is not in the vocabulary of"
+          f" {len(tokens)} tokens."
+        )
+    self._tokens = tokens
+    self._ids = ids
+    self._roles = tuple(sorted((r, t) for r, t in roles.items() if t))
+    self._hash = hash((tokens, self._roles))
+
+  # ------------------------------------------------------------- look-ups
+
+  @property
+  def tokens(self) -> tuple[str, ...]:
+    """All token strings, row by row.
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["a", "b"]).tokens
+    ('a', 'b')
+    """
+    return self._tokens
+
+  @property
+  def roles(self) -> dict[str, str]:
+    """The special roles that are set, e.g. ``{"pad": "<pad>"}``.
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["<pad>", "a"], pad="<pad>").roles
+    {'pad': '<pad>'}
+    """
+    return dict(self._roles)
+
+  def _role_id(self, role: str) -> int | None:
+    token = dict(self._roles).get(role)
+    return None if token is None else self._ids[token]
+
+  @property
+  def pad_id(self) -> int | None:
+    """Row of the padding token, or None.
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["a", "<pad>"], pad="<pad>").pad_id
+    1
+    """
+    return self._role_id("pad")
+
+  @property
+  def unk_id(self) -> int | None:
+    """Row of the unknown token, or None.
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["<unk>", "a"], unk="<unk>").unk_id
+    0
+    """
+    return self._role_id("unk")
+
+  @property
+  def bos_id(self) -> int | None:
+    """Row of the beginning-of-sequence token, or None.
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["<s>", "a"], bos="<s>").bos_id
+    0
+    """
+    return self._role_id("bos")
+
+  @property
+  def eos_id(self) -> int | None:
+    """Row of the end-of-sequence token, or None.
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["a", "</s>"], eos="</s>").eos_id
+    1
+    """
+    return self._role_id("eos")
+
+  def id(self, token: str) -> int:
+    """The row of ``token``; the unk row for unknown tokens if there is one.
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["a", "b"]).id("b")
+    1
+
+    Raises:
+      KeyError: for an unknown token when no unk role is set.
+    """
+    found = self._ids.get(token)
+    if found is not None:
+      return found
+    unk = self.unk_id
+    if unk is None:
+      raise KeyError(
+        f"Token {token!r} is not in the vocabulary of {len(self)} tokens"
+        " and no `unk` token is set."
+      )
+    return unk
+
+  def token(self, index: int) -> str:
+    """The token of row ``index`` (negative values count from the end).
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["a", "b"]).token(-1)
+    'b'
+
+    Raises:
+      IndexError: outside ``[-len, len)``.
+    """
+    index = int(index)
+    if not -len(self) <= index < len(self):
+      raise IndexError(
+        f"Row {index} is outside the vocabulary of {len(self)} tokens."
+      )
+    return self._tokens[index]
+
+  def encode(self, tokens: Iterable[str]) -> list[int]:
+    """Rows of ``tokens`` (see `id`).
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["a", "b"]).encode(["b", "a", "b"])
+    [1, 0, 1]
+    """
+    return [self.id(token) for token in tokens]
+
+  def decode(self, ids: Iterable[int] | np.ndarray) -> list[str]:
+    """Tokens of ``ids`` (see `token`).
+
+    >>> import named_embed as ne
+    >>> ne.Vocabulary(["a", "b"]).decode([1, 0])
+    ['b', 'a']
+    """
+    return [self.token(i) for i in np.asarray(ids).reshape(-1).tolist()]
+
+  # ------------------------------------------------------------- protocol
+
+  def __len__(self) -> int:
+    return len(self._tokens)
+
+  def __contains__(self, token: object) -> bool:
+    return token in self._ids
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._tokens)
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other: object) -> bool:
+    if self is other:
+      return True
+    if not isinstance(other, Vocabulary):
+      return NotImplemented
+    return (
+      self._hash == other._hash
+      and self._tokens == other._tokens
+      and self._roles == other._roles
+    )
+
+  def __repr__(self) -> str:
+    shown = ", ".join(repr(t) for t in self._tokens[:5])
+    more = ", ..." if len(self) > 5 else ""
+    roles = "".join(f", {r}={t!r}" for r, t in self._roles)
+    return f"Vocabulary([{shown}{more}] ({len(self)} tokens){roles})"
+
+  # ------------------------------------------------------------- loading
+
+  @classmethod
+  def load(
+    cls, path: str | os.PathLike[str], *, guess_roles: bool = True
+  ) -> Vocabulary:
+    """Reads a ``vocab.txt`` (one token a line) or a ``tokenizer.json``.
+
+    For ``tokenizer.json`` (Hugging Face), the vocabulary of the model
+    (WordPiece / BPE ``{"token": id}`` maps, Unigram ``[token, score]``
+    lists) and the ``added_tokens`` are read; no tokenizer library is
+    needed. Special roles are guessed from the usual spellings
+    (``[PAD]``/``<pad>``, ``[UNK]``/``<unk>``, ``[CLS]``/``<s>``,
+    ``[SEP]``/``</s>``) unless ``guess_roles`` is False.
+
+    Args:
+      path: The file.
+      guess_roles: Set pad/unk/bos/eos from well-known token spellings.
+
+    Returns:
+      The vocabulary.
+
+    Raises:
+      ValueError: for a malformed file, naming the file and the problem.
+
+    Example:
+
+    >>> import tempfile, os, named_embed as ne
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...   path = os.path.join(tmp, "vocab.txt")
+    ...   with open(path, "w") as f:
+    ...     _ = f.write("[PAD]\\n[UNK]\\nthe\\n")
+    ...   ne.Vocabulary.load(path)
+    Vocabulary(['[PAD]', '[UNK]', 'the'] (3 tokens), pad='[PAD]', unk='[UNK]')
+    """
+    path = os.fspath(path)
+    if path.endswith(".json"):
+      tokens = _tokenizer_json_tokens(path)
+    else:
+      tokens = _vocab_txt_tokens(path)
+    roles = _guess_roles(tokens) if guess_roles else {}
+    try:
+      return cls(tokens, **roles)
+    except ValueError as error:
+      raise ValueError(f"{path}: {error}") from None
+
+
+def _vocab_txt_tokens(path: str) -> list[str]:
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  lines = text.split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()
+  return [line.rstrip("\r") for line in lines]
+
+
+def _tokenizer_json_tokens(path: str) -> list[str]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      spec = json.load(f)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} is not valid JSON: {error}") from None
+  model = spec.get("model") if isinstance(spec, dict) else None
+  vocab = model.get("vocab") if isinstance(model, dict) else None
+  by_id: dict[int, str] = {}
+  if isinstance(vocab, dict):
+    for token, index in vocab.items():
+      by_id[int(index)] = token
+  elif isinstance(vocab, list):
+    for index, entry in enumerate(vocab):
+      by_id[index] = entry[0] if isinstance(entry, list) else entry
+  else:
+    raise ValueError(
+      f"{path} has no `model.vocab` map or list: not a Hugging Face"
+      " tokenizer.json."
+    )
+  for added in spec.get("added_tokens", []) or []:
+    by_id.setdefault(int(added["id"]), added["content"])
+  size = max(by_id) + 1 if by_id else 0
+  missing = [i for i in range(size) if i not in by_id]
+  if missing:
+    raise ValueError(
+      f"{path}: token ids are not contiguous; ids {missing[:5]} are missing."
+    )
+  return [by_id[i] for i in range(size)]
+
+
+def _guess_roles(tokens: Sequence[str]) -> dict[str, str]:
+  present = set(tokens)
+  roles = {}
+  for role, spellings in _ROLE_GUESSES.items():
+    for spelling in spellings:
+      if spelling in present:
+        roles[role] = spelling
+        break
+  return roles
