@@ -9,11 +9,31 @@ The public surface, re-exported from the modules that define it::
   ne.decode_cross_entropy(table, hidden, targets)   # never builds the logits
 """
 
+from named_embed import sharding as sharding
 from named_embed.decode import EmbeddingDecode as EmbeddingDecode
 from named_embed.decode import decode as decode
+from named_embed.formats import from_brainstate as from_brainstate
+from named_embed.formats import from_flax as from_flax
+from named_embed.formats import from_safetensors as from_safetensors
+from named_embed.formats import from_torch as from_torch
+from named_embed.formats import from_torch_weight as from_torch_weight
+from named_embed.formats import load as load
+from named_embed.formats import load_word2vec as load_word2vec
+from named_embed.formats import save as save
+from named_embed.formats import save_word2vec as save_word2vec
+from named_embed.formats import to_brainstate_weight as to_brainstate_weight
+from named_embed.formats import to_flax as to_flax
+from named_embed.formats import to_torch_weight as to_torch_weight
+from named_embed.inspection import analogy as analogy
+from named_embed.inspection import nearest as nearest
+from named_embed.inspection import similarity as similarity
 from named_embed.lookup import EmbeddingLookup as EmbeddingLookup
 from named_embed.lookup import lookup as lookup
 from named_embed.loss import decode_cross_entropy as decode_cross_entropy
+from named_embed.rendering import show as show
+from named_embed.rendering import summarize as summarize
+from named_embed.sharding import shard as shard
+from named_embed.sharding import sharded_init as sharded_init
 from named_embed.table import EmbeddingTable as EmbeddingTable
 from named_embed.vocabulary import Vocabulary as Vocabulary
 
@@ -24,7 +44,27 @@ __all__ = [
   "EmbeddingLookup",
   "EmbeddingTable",
   "Vocabulary",
+  "analogy",
   "decode",
   "decode_cross_entropy",
+  "from_brainstate",
+  "from_flax",
+  "from_safetensors",
+  "from_torch",
+  "from_torch_weight",
+  "load",
+  "load_word2vec",
   "lookup",
+  "nearest",
+  "save",
+  "save_word2vec",
+  "shard",
+  "sharded_init",
+  "sharding",
+  "show",
+  "similarity",
+  "summarize",
+  "to_brainstate_weight",
+  "to_flax",
+  "to_torch_weight",
 ]

@@ -16,6 +16,8 @@ give a primitive a checkify rule; it is registered when that module exists.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,31 +66,47 @@ def _host_check(ids: np.ndarray, *, vocab_size: int) -> np.ndarray:
 check_ids_p = Primitive("named_embed_check_ids")
 
 
-def check_ids(ids: jax.Array, vocab_size: int) -> jax.Array:
-  """Returns ``ids``; fails (see the module docstring) on out-of-range ids."""
-  return check_ids_p.bind(ids, vocab_size=vocab_size)
-
-
-def _impl(ids, *, vocab_size):
-  raise_if_out_of_range(np.asarray(ids), vocab_size)
+def _host_report(ids: np.ndarray, *, vocab_size: int) -> np.ndarray:
+  message = out_of_range_message(ids, vocab_size)
+  if message is not None:
+    logging.getLogger("named_embed").error(message)
   return ids
 
 
-def _runtime_check(ids, *, vocab_size):
+def check_ids(ids: jax.Array, vocab_size: int, fatal: bool = True):
+  """Returns ``ids``; fails (see the module docstring) on out-of-range ids.
+
+  With ``fatal=False`` (computations spread over several devices, where an
+  exception raised by one device's callback would leave the others waiting
+  in a collective until XLA aborts the process) the offending ids are
+  logged as an error on the ``named_embed`` logger instead, and the caller
+  fills their rows with NaN.
+  """
+  return check_ids_p.bind(ids, vocab_size=vocab_size, fatal=fatal)
+
+
+def _impl(ids, *, vocab_size, fatal):
+  if fatal:
+    raise_if_out_of_range(np.asarray(ids), vocab_size)
+  else:
+    _host_report(np.asarray(ids), vocab_size=vocab_size)
+  return ids
+
+
+def _runtime_check(ids, *, vocab_size, fatal):
   wide = ids.astype(jnp.int32) if ids.dtype.itemsize < 4 else ids
+  host = _host_check if fatal else _host_report
 
   def fail(ids):
     shape = jax.ShapeDtypeStruct(ids.shape, ids.dtype)
-    return io_callback(
-      lambda x: _host_check(x, vocab_size=vocab_size), shape, ids
-    )
+    return io_callback(lambda x: host(x, vocab_size=vocab_size), shape, ids)
 
   bad = (wide < 0) | (wide >= vocab_size)
   return lax.cond(jnp.any(bad), fail, lambda ids: ids, ids)
 
 
 check_ids_p.def_impl(_impl)
-check_ids_p.def_abstract_eval(lambda ids, *, vocab_size: ids)
+check_ids_p.def_abstract_eval(lambda ids, **params: ids)
 mlir.register_lowering(
   check_ids_p, mlir.lower_fun(_runtime_check, multiple_results=False)
 )
@@ -108,7 +126,8 @@ def _register_checkify_rule() -> None:
   except ImportError:  # pragma: no cover - depends on the jax version
     return
 
-  def rule(error, enabled_errors, ids, *, vocab_size):
+  def rule(error, enabled_errors, ids, *, vocab_size, fatal):
+    del fatal
     wanted = {checkify_internals.FailedCheckError, checkify_internals.OOBError}
     if not wanted & set(enabled_errors):
       return error, ids

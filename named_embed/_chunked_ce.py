@@ -1,22 +1,29 @@
 """Softmax cross-entropy over a vocabulary, chunk by chunk, on raw arrays.
 
-``hidden`` is ``[N, E]``, ``table`` is ``[V, E]``, ``targets`` and ``mask``
-are ``[N]``. The loss never builds the ``[N, V]`` logits: a loop over
-vocabulary chunks of ``C`` rows keeps an online log-sum-exp (running max and
-running sum of exponentials), the target logit and, for label smoothing, the
-running sum of logits. The backward pass (a custom_vjp) recomputes each
-chunk's logits from the saved log-sum-exp and accumulates ``d hidden`` in
-the loop carry and ``d table`` chunk by chunk in place. Peak temporary
-memory is a few ``[N, C]`` buffers instead of ``[N, V]`` ones.
+``hidden`` is ``[N, E]``, ``table`` is ``[R, E]`` (``R`` rows: the whole
+vocabulary, or one device's contiguous shard of it), ``targets`` is
+``[N]``. The loss never builds the ``[N, V]`` logits: a loop over chunks of
+``C`` rows keeps an online log-sum-exp (running max and running sum of
+exponentials), the target logit and, for label smoothing, the running sum
+of logits. The backward pass (a custom_vjp) recomputes each chunk's logits
+from the saved log-sum-exp, accumulates ``d hidden`` in the loop carry and
+writes ``d table`` chunk by chunk in place. Peak temporary memory is a few
+``[N, C]`` buffers instead of ``[N, V]`` ones.
 
-Chunks are read with ``dynamic_slice`` of the table as stored: the table is
+Chunks are read with ``dynamic_slice`` of the rows as stored: the table is
 never padded, copied or cast as a whole (a ragged last chunk is handled
 outside the loop). Arithmetic is float32 (float64 for float64 inputs).
+Rows whose global id is ``>= vocab_size`` (padding rows) get ``-inf``
+logits and no gradient.
 
 Per position the loss is, with ``z`` the (soft-capped) logits, ``t`` the
 target, ``eps`` the label smoothing and ``lse = logsumexp(z)``::
 
   loss = lse - (1 - eps) * z[t] - eps * mean(z) + z_loss * lse**2
+
+`local_stats` / `combine_stats` / `local_grads` are shared with the
+vocabulary-parallel loss (`named_embed._vocab_parallel`), where each device
+runs them on its own rows and combines the statistics with collectives.
 """
 
 from __future__ import annotations
@@ -33,17 +40,26 @@ from named_embed import _norms
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Static options of the chunked loss (hashable)."""
+  """Static options of the chunked loss (hashable).
+
+  Attributes:
+    chunk_size: Rows per chunk.
+    vocab_size: Number of real tokens; rows at or past it are padding.
+    soft_cap: Logit soft cap, or None.
+    label_smoothing: ``eps``.
+    z_loss: Weight of ``lse**2``.
+  """
 
   chunk_size: int
+  vocab_size: int
   soft_cap: float | None = None
   label_smoothing: float = 0.0
   z_loss: float = 0.0
 
 
-def _chunks(vocab_size: int, chunk_size: int) -> list[tuple[int, int, int]]:
+def _runs(num_rows: int, chunk_size: int) -> list[tuple[int, int, int]]:
   """``(first_row, chunk_rows, count)`` runs: full chunks, then a ragged one."""
-  full, rest = divmod(vocab_size, chunk_size)
+  full, rest = divmod(num_rows, chunk_size)
   runs = []
   if full:
     runs.append((0, chunk_size, full))
@@ -52,24 +68,44 @@ def _chunks(vocab_size: int, chunk_size: int) -> list[tuple[int, int, int]]:
   return runs
 
 
-def _chunk_logits(hidden, table, start, rows, config: LossConfig):
-  """Capped logits ``[N, rows]`` of table rows ``start:start+rows``."""
+def _over_chunks(step, carry, num_rows: int, chunk_size: int):
+  """Folds ``step(carry, first_row, rows)`` over the chunks of the rows."""
+  for first, rows, count in _runs(num_rows, chunk_size):
+    if count == 1:
+      carry = step(carry, first, rows)
+    else:
+      carry = lax.fori_loop(
+        0,
+        count,
+        lambda i, c, rows=rows, first=first: step(c, first + i * rows, rows),
+        carry,
+      )
+  return carry
+
+
+def _chunk_logits(hidden, table, start, rows, offset, config: LossConfig):
+  """Capped logits ``[N, rows]`` of rows ``start:start+rows``, the chunk,
+  and which of its columns are real tokens (None if all may be)."""
   chunk = lax.dynamic_slice_in_dim(table, start, rows, axis=0)
-  raw = lax.dot_general(
+  z = lax.dot_general(
     hidden,
     chunk.astype(hidden.dtype),
     (((1,), (1,)), ((), ())),
     preferred_element_type=hidden.dtype,
   )
-  if config.soft_cap is None:
-    return raw, chunk
-  cap = jnp.asarray(config.soft_cap, raw.dtype)
-  return cap * jnp.tanh(raw / cap), chunk
+  if config.soft_cap is not None:
+    cap = jnp.asarray(config.soft_cap, z.dtype)
+    z = cap * jnp.tanh(z / cap)
+  real = None
+  if config.vocab_size < table.shape[0] or not isinstance(offset, int):
+    real = (offset + start + jnp.arange(rows)) < config.vocab_size
+    z = jnp.where(real[None, :], z, jnp.full((), -jnp.inf, z.dtype))
+  return z, chunk, real
 
 
-def _target_logit(logits, targets, start, rows):
-  """``logits[i, targets[i] - start]`` where the target is in this chunk."""
-  local = targets - start
+def _target_logit(logits, targets, first_id, rows):
+  """``logits[i, targets[i] - first_id]`` where the target is in the chunk."""
+  local = targets - first_id
   inside = (local >= 0) & (local < rows)
   picked = jnp.take_along_axis(
     logits, jnp.clip(local, 0, rows - 1)[:, None], axis=1
@@ -77,89 +113,77 @@ def _target_logit(logits, targets, start, rows):
   return jnp.where(inside, picked, jnp.zeros_like(picked))
 
 
-def _forward_stats(hidden, table, targets, config: LossConfig):
-  """Returns ``(lse, target_logit, logit_sum)``, each ``[N]``."""
+def local_stats(hidden, table, targets, offset, config: LossConfig):
+  """``(max, sum_exp, target_logit, logit_sum)`` over these rows, each [N].
+
+  ``offset`` is the global id of row 0 (0, or a traced shard offset).
+  """
   n = hidden.shape[0]
   acc = hidden.dtype
-  carry = (
-    jnp.full((n,), -jnp.inf, acc),  # running max
-    jnp.zeros((n,), acc),  # running sum of exp(z - max)
-    jnp.zeros((n,), acc),  # target logit
-    jnp.zeros((n,), acc),  # sum of logits
-  )
+  zeros = jnp.zeros((n,), acc)
+  carry = (jnp.full((n,), -jnp.inf, acc), zeros, zeros, zeros)
 
   def step(carry, start, rows):
     m, s, t, total = carry
-    z, _ = _chunk_logits(hidden, table, start, rows, config)
+    z, _, real = _chunk_logits(hidden, table, start, rows, offset, config)
     m_new = jnp.maximum(m, jnp.max(z, axis=1))
-    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
-    t = t + _target_logit(z, targets, start, rows)
+    # A shard holding only padding rows keeps m = -inf: guard exp(-inf+inf).
+    shift = jnp.where(jnp.isfinite(m_new), m_new, jnp.zeros_like(m_new))
+    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
+    t = t + _target_logit(z, targets, offset + start, rows)
     if config.label_smoothing:
-      total = total + jnp.sum(z, axis=1)
+      finite = z if real is None else jnp.where(real[None, :], z, 0.0)
+      total = total + jnp.sum(finite, axis=1)
     return (m_new, s, t, total)
 
-  for first, rows, count in _chunks(table.shape[0], config.chunk_size):
-    if count == 1:
-      carry = step(carry, first, rows)
-    else:
-      carry = lax.fori_loop(
-        0,
-        count,
-        lambda i, c, rows=rows, first=first: step(c, first + i * rows, rows),
-        carry,
-      )
-  m, s, t, total = carry
-  return m + jnp.log(s), t, total
+  return _over_chunks(step, carry, table.shape[0], config.chunk_size)
 
 
-def _position_loss(lse, target_logit, logit_sum, vocab_size, config):
+def combine_stats(stats, axis_name: str | None):
+  """Merges per-device statistics over ``axis_name`` (none: as they are).
+
+  Returns ``(lse, target_logit, logit_sum)``. One ``pmax`` of the maxima,
+  then one fused ``psum`` of the rescaled sums, target logits and logit
+  sums: three ``[N]`` vectors, whatever the vocabulary size.
+  """
+  m, s, t, total = stats
+  if axis_name is None:
+    return m + jnp.log(s), t, total
+  m_all = lax.pmax(lax.stop_gradient(m), axis_name)
+  s = s * jnp.exp(m - m_all)
+  s, t, total = lax.psum((s, t, total), axis_name)
+  return m_all + jnp.log(s), t, total
+
+
+def position_loss(lse, target_logit, logit_sum, config: LossConfig):
+  """The per-position loss from the combined statistics."""
   eps = config.label_smoothing
   loss = lse - (1.0 - eps) * target_logit
   if eps:
-    loss = loss - eps * logit_sum / vocab_size
+    loss = loss - eps * logit_sum / config.vocab_size
   if config.z_loss:
     loss = loss + config.z_loss * lse * lse
   return loss
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def chunked_cross_entropy(hidden, table, targets, config: LossConfig):
-  """Per-position loss ``[N]`` (see the module docstring).
+def local_grads(hidden, table, targets, lse, g, offset, config: LossConfig):
+  """``(d_hidden [N, E] from these rows, d_table [R, E])``.
 
-  ``targets`` must already be in ``[0, V)``; positions are not masked here.
+  ``hidden`` is in the accumulation dtype; ``g`` is the per-position
+  cotangent (zero where a position must not train anything).
   """
-  return _forward(hidden, table, targets, config)[0]
-
-
-def _forward(hidden, table, targets, config):
-  acc = _norms.accumulation_dtype(hidden.dtype)
-  hidden_acc = hidden.astype(acc)
-  lse, t, total = _forward_stats(hidden_acc, table, targets, config)
-  loss = _position_loss(lse, t, total, table.shape[0], config)
-  return loss.astype(hidden.dtype), (hidden, table, targets, lse)
-
-
-def _fwd(hidden, table, targets, config):
-  return _forward(hidden, table, targets, config)
-
-
-def _bwd(config: LossConfig, residuals, g):
-  hidden, table, targets, lse = residuals
-  acc = lse.dtype
-  hidden_acc = hidden.astype(acc)
-  g = g.astype(acc)
-  vocab_size = table.shape[0]
+  acc = hidden.dtype
   eps = config.label_smoothing
   # d loss / d z_v = g * (p_v * (1 + 2 z_loss lse) - q_v)
   p_scale = g * (1.0 + 2.0 * config.z_loss * lse)
   q_target = g * (1.0 - eps)
-  q_uniform = g * (eps / vocab_size)
+  q_uniform = g * (eps / config.vocab_size)
 
   def step(carry, start, rows):
     d_hidden, d_table = carry
-    z, chunk = _chunk_logits(hidden_acc, table, start, rows, config)
+    z, chunk, real = _chunk_logits(hidden, table, start, rows, offset, config)
     dz = jnp.exp(z - lse[:, None]) * p_scale[:, None] - q_uniform[:, None]
-    local = targets - start
+    local = targets - (offset + start)
     column = jnp.arange(rows, dtype=local.dtype)
     dz = dz - jnp.where(
       column[None, :] == local[:, None], q_target[:, None], jnp.zeros((), acc)
@@ -167,26 +191,44 @@ def _bwd(config: LossConfig, residuals, g):
     if config.soft_cap is not None:
       cap = jnp.asarray(config.soft_cap, acc)
       dz = dz * (1.0 - (z / cap) ** 2)
+    if real is not None:  # padding rows: no gradient (and no inf * 0)
+      dz = jnp.where(real[None, :], dz, jnp.zeros((), acc))
     d_hidden = d_hidden + dz @ chunk.astype(acc)
-    d_chunk = lax.dot_general(dz, hidden_acc, (((0,), (0,)), ((), ())))
+    d_chunk = lax.dot_general(dz, hidden, (((0,), (0,)), ((), ())))
     d_table = lax.dynamic_update_slice_in_dim(
       d_table, d_chunk.astype(d_table.dtype), start, axis=0
     )
     return d_hidden, d_table
 
   carry = (jnp.zeros(hidden.shape, acc), jnp.zeros(table.shape, table.dtype))
-  for first, rows, count in _chunks(vocab_size, config.chunk_size):
-    if count == 1:
-      carry = step(carry, first, rows)
-    else:
-      carry = lax.fori_loop(
-        0,
-        count,
-        lambda i, c, rows=rows, first=first: step(c, first + i * rows, rows),
-        carry,
-      )
-  d_hidden, d_table = carry
+  return _over_chunks(step, carry, table.shape[0], config.chunk_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_cross_entropy(hidden, table, targets, config: LossConfig):
+  """Per-position loss ``[N]`` on one device (see the module docstring).
+
+  ``targets`` must already be in ``[0, vocab_size)``; positions are not
+  masked here.
+  """
+  return _forward(hidden, table, targets, config)[0]
+
+
+def _forward(hidden, table, targets, config):
+  acc = _norms.accumulation_dtype(hidden.dtype)
+  stats = local_stats(hidden.astype(acc), table, targets, 0, config)
+  lse, t, total = combine_stats(stats, None)
+  loss = position_loss(lse, t, total, config)
+  return loss.astype(hidden.dtype), (hidden, table, targets, lse)
+
+
+def _bwd(config: LossConfig, residuals, g):
+  hidden, table, targets, lse = residuals
+  acc = lse.dtype
+  d_hidden, d_table = local_grads(
+    hidden.astype(acc), table, targets, lse, g.astype(acc), 0, config
+  )
   return d_hidden.astype(hidden.dtype), d_table, None
 
 
-chunked_cross_entropy.defvjp(_fwd, _bwd)
+chunked_cross_entropy.defvjp(_forward, _bwd)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from named_embed import _bounds_check, _norms
+from named_embed import _bounds_check, _layout, _norms
 
 OUT_OF_RANGE_POLICIES = ("fill", "clip", "wrap", "error")
 STRATEGIES = ("gather", "one_hot")
@@ -51,6 +51,10 @@ class RowPolicy:
     strategy: ``"gather"`` (index the rows) or ``"one_hot"`` (contract a
       one-hot ``[tokens, V]`` matrix with the table: a matmul forwards and
       backwards, no scatter).
+    vocab_size: Number of real tokens when the table has padding rows at
+      the end; None when every row is a token.
+    rows_sharding: The table's recorded `NamedSharding` (see
+      `EmbeddingTable.rows_sharding`), or None.
   """
 
   out_of_range: str = "fill"
@@ -62,15 +66,20 @@ class RowPolicy:
   frozen: bool = False
   runtime_check: bool = False
   strategy: str = "gather"
+  vocab_size: int | None = None
+  rows_sharding: object = None
 
 
 def safe_ids(
-  ids: jax.Array, vocab_size: int, policy: RowPolicy
+  ids: jax.Array, vocab_size: int, policy: RowPolicy, sharded: bool = False
 ) -> tuple[jax.Array, jax.Array | None]:
   """Maps ``ids`` into ``[0, V)`` by the policy; returns ``(safe, valid)``.
 
   ``valid`` is None unless the policy is ``"fill"``, where it marks the ids
-  that were already in range.
+  that were already in range. ``sharded`` says the computation spans
+  several devices: ``"error"`` then reports bad ids on the ``named_embed``
+  logger and fills their rows with NaN instead of raising (see
+  `_bounds_check.check_ids`).
   """
   if jnp.dtype(ids.dtype).itemsize < 4:
     # uint8/int16 ids cannot hold V (or V - 1) for larger vocabularies.
@@ -82,7 +91,10 @@ def safe_ids(
   if mode == "wrap":
     return jnp.remainder(ids, vocab_size), None
   if mode == "error" and policy.runtime_check:
-    ids = _bounds_check.check_ids(ids, vocab_size)
+    ids = _bounds_check.check_ids(ids, vocab_size, fatal=not sharded)
+    if sharded:
+      valid = (ids >= 0) & (ids < vocab_size)
+      return jnp.where(valid, ids, jnp.zeros_like(ids)), valid
   # "clip", and "error" (clamping keeps a checkified call in bounds).
   return jnp.clip(ids, 0, vocab_size - 1), None
 
@@ -167,25 +179,32 @@ def _one_hot_rows(table: jax.Array, safe: jax.Array) -> jax.Array:
 
 def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
   """Looks up ``ids`` in ``table`` (``[V, *embedding]``) under ``policy``."""
-  vocab_size = table.shape[0]
+  num_rows = table.shape[0]
+  vocab_size = policy.vocab_size or num_rows
   if policy.frozen:
     table = jax.lax.stop_gradient(table)
-  safe, valid = safe_ids(ids, vocab_size, policy)
+  sharded = policy.rows_sharding is not None or _layout.spans_devices(
+    table, ids
+  )
+  table = _layout.pin_rows(table, policy.rows_sharding)
+  safe, valid = safe_ids(ids, vocab_size, policy, sharded)
   out_shape = ids.shape + table.shape[1:]
-  if vocab_size == 1:
+  if num_rows == 1:
     # Broadcast instead of gather: the backward pass is a sum, not a scatter.
     rows = jnp.broadcast_to(table[0], out_shape)
   elif policy.strategy == "one_hot":
     rows = _one_hot_rows(table, safe)
   else:
     rows = table.at[safe].get(
-      mode="promise_in_bounds", wrap_negative_indices=False
+      mode="promise_in_bounds",
+      wrap_negative_indices=False,
+      out_sharding=_layout.gather_sharding(table, safe),
     )
   if policy.max_norm is not None:
     rows = _renorm_straight_through(
       rows, policy.max_norm, policy.norm_type, ids.ndim
     )
-  weight = _gradient_weight(safe, valid, vocab_size, policy)
+  weight = _gradient_weight(safe, valid, num_rows, policy)
   if weight is not None:
     rows = _scale_gradient(rows, weight)
   if valid is not None:
@@ -218,6 +237,8 @@ def table_policy(
   padding_index: int | None,
   frozen: bool,
   runtime_check: bool,
+  vocab_size: int | None = None,
+  rows_sharding: object = None,
 ) -> RowPolicy:
   """``policy`` completed with what the table and the ids decide."""
   return dataclasses.replace(
@@ -225,4 +246,6 @@ def table_policy(
     padding_index=padding_index,
     frozen=frozen,
     runtime_check=runtime_check,
+    vocab_size=vocab_size,
+    rows_sharding=rows_sharding,
   )

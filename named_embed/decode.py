@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _named
+from named_embed import _layout, _named
 from named_embed._validation import check_float_dtype
 from named_embed.table import EmbeddingTable
 
@@ -26,6 +26,8 @@ class _DecodePolicy:
   soft_cap: float | None = None
   dtype: np.dtype | None = None
   frozen: bool = False
+  vocab_size: int | None = None
+  rows_sharding: object = None
 
 
 @functools.lru_cache(maxsize=256, typed=True)
@@ -73,6 +75,7 @@ def _joint_dtype(hidden_dtype: Any, table_dtype: Any) -> np.dtype:
 def _decode_kernel(hidden, table, policy: _DecodePolicy):
   if policy.frozen:
     table = jax.lax.stop_gradient(table)
+  table = _layout.pin_rows(table, policy.rows_sharding)
   dtype = policy.dtype
   logits = jnp.einsum(
     policy.subscripts, hidden.astype(dtype), table.astype(dtype)
@@ -80,6 +83,11 @@ def _decode_kernel(hidden, table, policy: _DecodePolicy):
   if policy.soft_cap is not None:
     cap = jnp.asarray(policy.soft_cap, logits.dtype)
     logits = cap * jnp.tanh(logits / cap)
+  num_rows = table.shape[0]
+  if policy.vocab_size is not None and policy.vocab_size < num_rows:
+    # Padding rows are not tokens: -inf keeps them out of any softmax.
+    real = jnp.arange(num_rows) < policy.vocab_size
+    logits = jnp.where(real, logits, jnp.full((), -jnp.inf, logits.dtype))
   return logits
 
 
@@ -197,6 +205,8 @@ def _decode(
     soft_cap=soft_cap,
     dtype=dtype,
     frozen=table.frozen,
+    vocab_size=table.true_vocab_size,
+    rows_sharding=table.rows_sharding,
   )
   kernel = _compiled_decode(policy, f"named_embed.{caller}")
   logits = kernel(prefix.data_array, rows_array)

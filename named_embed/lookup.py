@@ -148,12 +148,18 @@ def _lookup(
     if isinstance(ids, jax.core.Tracer):
       runtime_check = True
     else:
-      _bounds_check.raise_if_out_of_range(np.asarray(ids), rows_array.shape[0])
-  padding_index = resolve_padding_index(
-    table.padding_index, rows_array.shape[0]
-  )
+      _bounds_check.raise_if_out_of_range(
+        np.asarray(ids), table.true_vocab_size or rows_array.shape[0]
+      )
+  vocab_size = table.true_vocab_size or rows_array.shape[0]
+  padding_index = resolve_padding_index(table.padding_index, vocab_size)
   policy = _gather.table_policy(
-    policy, padding_index, table.frozen, runtime_check
+    policy,
+    padding_index,
+    table.frozen,
+    runtime_check,
+    table.true_vocab_size,
+    table.rows_sharding,
   )
   kernel = _gather.compiled_gather(policy, f"named_embed.{caller}")
   rows = kernel(rows_array, ids)

@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _bounds_check, _chunked_ce, _gather, _named
+from named_embed import (
+  _bounds_check,
+  _chunked_ce,
+  _gather,
+  _layout,
+  _named,
+  _vocab_parallel,
+)
 from named_embed.decode import (
   EmbeddingDecode,
   _check_hidden,
@@ -193,7 +200,7 @@ def decode_cross_entropy(
   h, ids, mask, shape, batch = _flatten_inputs(
     embedding_axes, prefix, targets, where
   )
-  vocab_size = rows.shape[0]
+  vocab_size = table.true_vocab_size or rows.shape[0]
   runtime_check = False
   if out_of_range == "error":
     if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
@@ -204,11 +211,12 @@ def decode_cross_entropy(
   policy = _gather.table_policy(policy, None, table.frozen, runtime_check)
   config = _chunked_ce.LossConfig(
     chunk_size=chunk_size or default_chunk_size(h.shape[0], vocab_size),
+    vocab_size=vocab_size,
     soft_cap=soft_cap,
     label_smoothing=float(label_smoothing),
     z_loss=float(z_loss),
   )
-  kernel = _compiled_loss(policy, config, reduction)
+  kernel = _compiled_loss(policy, config, reduction, table.rows_sharding)
   losses = kernel(h, rows, ids, mask)
   if reduction == "none":
     return _named.named_result(losses.reshape(shape), batch)
@@ -217,24 +225,36 @@ def decode_cross_entropy(
 
 @functools.lru_cache(maxsize=256)
 def _compiled_loss(
-  policy: _gather.RowPolicy, config: _chunked_ce.LossConfig, reduction: str
+  policy: _gather.RowPolicy,
+  config: _chunked_ce.LossConfig,
+  reduction: str,
+  rows_sharding: jax.sharding.NamedSharding | None,
 ):
   """The whole loss for one static configuration, jitted once."""
 
   def decode_cross_entropy_kernel(hidden, rows, ids, mask):
     with jax.named_scope("named_embed.decode_cross_entropy"):
-      vocab_size = rows.shape[0]
+      num_rows = rows.shape[0]
       if mask is not None:  # masked targets are never checked nor NaN-filled
         ids = jnp.where(mask, ids, jnp.zeros_like(ids))
-      safe, valid = _gather.safe_ids(ids, vocab_size, policy)
+      sharded = rows_sharding is not None or _layout.spans_devices(
+        rows, hidden, ids
+      )
+      safe, valid = _gather.safe_ids(ids, config.vocab_size, policy, sharded)
       if hidden.dtype != rows.dtype:  # joint dtype; table cast per chunk
         hidden = hidden.astype(_joint_dtype(hidden.dtype, rows.dtype))
       if policy.frozen:
         rows = jax.lax.stop_gradient(rows)
-      flat_rows = rows.reshape(vocab_size, -1)  # a bitcast, not a copy
-      losses = _chunked_ce.chunked_cross_entropy(
-        hidden, flat_rows, safe, config
-      )
+      flat_rows = rows.reshape(num_rows, -1)  # a bitcast, not a copy
+      plan = _vocab_parallel.plan_for(hidden, flat_rows, safe, rows_sharding)
+      if plan is None:
+        losses = _chunked_ce.chunked_cross_entropy(
+          hidden, flat_rows, safe, config
+        )
+      else:
+        losses = _vocab_parallel.vocab_parallel_cross_entropy(
+          hidden, flat_rows, safe, config, plan
+        )
       return _reduce(losses, valid, mask, reduction)
 
   return jax.jit(decode_cross_entropy_kernel)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,9 @@ from named_embed._validation import (
   resolve_padding_index,
 )
 from named_embed.vocabulary import Vocabulary
+
+if TYPE_CHECKING:
+  from named_embed.inspection import Query
 
 EmbeddingsLike = pz.Parameter | pz.ParameterValue | pz.nx.NamedArray
 
@@ -66,6 +69,14 @@ class EmbeddingTable(pz.Struct):
     vocabulary: The token strings of the rows (a `Vocabulary`), or None.
       Static metadata: attaching it changes no pytree leaf, and its hash is
       computed once, so jitted calls cost the same.
+    true_vocab_size: The number of real tokens when the table has extra
+      padding rows at the end (see `padded_to_multiple`), else None. Ids at
+      or beyond it are out of range, decodes give those rows ``-inf``
+      logits, and the loss never sees them.
+    rows_sharding: The `NamedSharding` of the ``[vocabulary, *embedding]``
+      rows, recorded by `named_embed.shard`, or None. It tells the fused
+      loss how the vocabulary is split over a mesh with `Auto` axes (with
+      `Explicit` axes the arrays' types say it already).
   """
 
   embeddings: EmbeddingsLike
@@ -76,6 +87,12 @@ class EmbeddingTable(pz.Struct):
     default=None, metadata={"pytree_node": False}
   )
   vocabulary: Vocabulary | None = dataclasses.field(
+    default=None, metadata={"pytree_node": False}
+  )
+  true_vocab_size: int | None = dataclasses.field(
+    default=None, metadata={"pytree_node": False}
+  )
+  rows_sharding: jax.sharding.NamedSharding | None = dataclasses.field(
     default=None, metadata={"pytree_node": False}
   )
 
@@ -89,6 +106,14 @@ class EmbeddingTable(pz.Struct):
     if value is not None and hasattr(value, "named_shape"):
       _check_table_array(value, self.vocabulary_axis)
       vocab_size = value.named_shape[self.vocabulary_axis]
+      if self.true_vocab_size is not None:
+        check_positive_int("true_vocab_size", self.true_vocab_size)
+        if self.true_vocab_size > vocab_size:
+          raise ValueError(
+            f"`true_vocab_size` {self.true_vocab_size} exceeds the"
+            f" {vocab_size} rows of the table."
+          )
+        vocab_size = self.true_vocab_size
       object.__setattr__(
         self,
         "padding_index",
@@ -110,6 +135,7 @@ class EmbeddingTable(pz.Struct):
     initializer: Callable[..., Any] = default_initializer,
     dtype: jax.typing.DTypeLike = jnp.float32,
     padding_index: int | None = None,
+    pad_to_multiple: int | None = None,
   ) -> EmbeddingTable:
     """Builds a trainable table from hyperparameters.
 
@@ -132,6 +158,8 @@ class EmbeddingTable(pz.Struct):
       dtype: A floating storage dtype.
       padding_index: Row to zero at initialisation and keep out of lookup
         gradients; negative values count from the end.
+      pad_to_multiple: If set, append zero rows up to a multiple of this
+        (see `padded_to_multiple`), e.g. to shard the vocabulary axis.
 
     Returns:
       A table whose ``embeddings`` is a `pz.Parameter` (vocabulary axis first).
@@ -159,7 +187,15 @@ class EmbeddingTable(pz.Struct):
     padding_index = resolve_padding_index(padding_index, vocab_size)
     label = f"{name}.embeddings"
     if init_base_rng is None:
-      return cls(pz.ParameterSlot(label), vocabulary_axis, padding_index)
+      true_size = None
+      if pad_to_multiple and vocab_size % pad_to_multiple:
+        true_size = vocab_size
+      return cls(
+        pz.ParameterSlot(label),
+        vocabulary_axis,
+        padding_index,
+        true_vocab_size=true_size,
+      )
     key = pz.nn.derive_param_key(init_base_rng, label)
     value = initialize(
       initializer, key, vocabulary_axis, vocab_size, embedding_axes, dtype
@@ -169,9 +205,12 @@ class EmbeddingTable(pz.Struct):
         lambda v: v.at[padding_index].set(jnp.zeros((), v.dtype))
       )(value.untag(vocabulary_axis)).tag(vocabulary_axis)
       value = value.order_as(vocabulary_axis, *embedding_axes)
-    return cls(
+    table = cls(
       pz.Parameter(value=value, label=label), vocabulary_axis, padding_index
     )
+    if pad_to_multiple is not None:
+      table = table.padded_to_multiple(pad_to_multiple)
+    return table
 
   @classmethod
   def from_pretrained(
@@ -258,11 +297,24 @@ class EmbeddingTable(pz.Struct):
 
   @property
   def vocab_size(self) -> int:
-    """The number of rows.
+    """The number of tokens (rows, less any padding rows).
 
     >>> import numpy as np, named_embed as ne
     >>> ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32)).vocab_size
     4
+    """
+    if self.true_vocab_size is not None:
+      return self.true_vocab_size
+    return self.num_rows
+
+  @property
+  def num_rows(self) -> int:
+    """The number of rows, padding rows included.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((5, 2), np.float32))
+    >>> table.padded_to_multiple(4).num_rows
+    8
     """
     return self.value.named_shape[self.vocabulary_axis]
 
@@ -326,6 +378,45 @@ class EmbeddingTable(pz.Struct):
       if name != vocabulary_axis
     }
     return value.untag(vocabulary_axis, *axes).unwrap(), axes
+
+  def padded_to_multiple(self, multiple: int) -> EmbeddingTable:
+    """Returns the table with zero rows appended up to a multiple of rows.
+
+    Sharding the vocabulary axis over ``M`` devices needs a row count that
+    ``M`` divides. The padding rows are not tokens: ``vocab_size`` stays,
+    ids in the padded range are out of range under every policy, decodes
+    give them ``-inf`` logits (so softmax and loss ignore them), and they
+    receive no gradient. A trainable table gets a new `pz.Parameter` with
+    the same label.
+
+    Args:
+      multiple: A positive int, e.g. the mesh axis size (or 128 times it).
+
+    Returns:
+      A new table (this one if nothing needs padding).
+
+    Example:
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((5, 2), np.float32))
+    >>> padded = table.padded_to_multiple(4)
+    >>> padded.num_rows, padded.vocab_size, padded.true_vocab_size
+    (8, 5, 5)
+    """
+    multiple = check_positive_int("multiple", multiple)
+    rows = self.rows_array()
+    extra = -rows.shape[0] % multiple
+    if not extra:
+      return self
+    padded = jnp.concatenate(
+      [rows, jnp.zeros((extra, *rows.shape[1:]), rows.dtype)], axis=0
+    )
+    value = pz.nx.wrap(padded, self.vocabulary_axis, *self.embedding_axes)
+    return dataclasses.replace(
+      self,
+      embeddings=_same_kind(self.embeddings, value),
+      true_vocab_size=self.vocab_size,
+    )
 
   def with_vocabulary(self, vocabulary: Vocabulary | None) -> EmbeddingTable:
     """Returns this table with ``vocabulary`` attached (or detached: None).
@@ -391,19 +482,100 @@ class EmbeddingTable(pz.Struct):
     rows = self.rows_array()
     new_rows = _norms.renorm_rows(rows, max_norm, norm_type)
     value = pz.nx.wrap(new_rows, self.vocabulary_axis, *self.embedding_axes)
-    embeddings = self.embeddings
-    if isinstance(embeddings, pz.Parameter):
-      value = pz.Parameter(
-        value=value, label=embeddings.label, metadata=embeddings.metadata
-      )
-    elif isinstance(embeddings, pz.ParameterValue):
-      value = pz.ParameterValue(
-        value=value, label=embeddings.label, metadata=embeddings.metadata
-      )
-    return dataclasses.replace(self, embeddings=value)
+    return dataclasses.replace(
+      self, embeddings=_same_kind(self.embeddings, value)
+    )
+
+  # -------------------------------------------------------------- inspection
+
+  def nearest(
+    self,
+    query: Query,
+    k: int = 10,
+    metric: str = "cosine",
+    exclude: str | int | list[str | int] | None = None,
+  ) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """The ``k`` nearest rows: `named_embed.inspection.nearest`.
+
+    Args:
+      query: A token, an id, a list of them, or a `NamedArray` of ids or of
+        vectors (with the embedding axes and any batch axes).
+      k: Number of neighbours.
+      metric: ``"cosine"``, ``"dot"`` or ``"euclidean"`` (a distance).
+      exclude: Further tokens or ids never to return.
+
+    Returns:
+      ``(ids, scores)`` with the query's batch axes and ``"neighbor"``.
+
+    Example:
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"]))
+    >>> ids, scores = table.nearest("cat", k=1)
+    >>> table.vocabulary.decode(ids.unwrap("neighbor"))
+    ['dog']
+    """
+    from named_embed import inspection
+
+    return inspection.nearest(self, query, k, metric, exclude)
+
+  def similarity(
+    self, a: Query, b: Query, metric: str = "cosine"
+  ) -> pz.nx.NamedArray:
+    """Similarity of two queries: `named_embed.inspection.similarity`.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [0, 2]], np.float32))
+    >>> float(table.similarity(0, 1)), float(table.similarity(1, 1, "dot"))
+    (0.0, 4.0)
+    """
+    from named_embed import inspection
+
+    return inspection.similarity(self, a, b, metric)
+
+  def analogy(
+    self,
+    positive: Query | list[Query],
+    negative: Query | list[Query] = (),
+    k: int = 10,
+  ) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """``a - b + c`` queries: `named_embed.inspection.analogy`.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 1]], np.float32)
+    ...     ).with_vocabulary(ne.Vocabulary(["king", "man", "woman", "queen"]))
+    >>> ids, _ = table.analogy(["king", "woman"], ["man"], k=1)
+    >>> table.vocabulary.decode(ids.unwrap("neighbor"))
+    ['queen']
+    """
+    from named_embed import inspection
+
+    return inspection.analogy(self, positive, negative, k)
+
+  def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
+    from named_embed import rendering
+
+    return rendering.treescope_repr(self, path, subtree_renderer)
 
 
 # ------------------------------------------------------------------- helpers
+
+
+def _same_kind(embeddings: Any, value: pz.nx.NamedArray) -> EmbeddingsLike:
+  """``value`` held the way ``embeddings`` is (Parameter, value or array)."""
+  if isinstance(embeddings, pz.Parameter):
+    return pz.Parameter(
+      value=value, label=embeddings.label, metadata=embeddings.metadata
+    )
+  if isinstance(embeddings, pz.ParameterValue):
+    return pz.ParameterValue(
+      value=value, label=embeddings.label, metadata=embeddings.metadata
+    )
+  return value
 
 
 def _value_or_none(embeddings: Any) -> pz.nx.NamedArrayBase | None:

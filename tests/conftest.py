@@ -6,12 +6,19 @@ inside named_embed fails a test instead of costing users later.
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
 import numpy as np
 import pytest
 from penzai import pz
+
+# tests/multidevice needs 8 CPU devices before the backend starts: it runs
+# in its own process (tests/sharding_test.py starts it).
+collect_ignore = (
+  [] if os.environ.get("NAMED_EMBED_MULTIDEVICE") else ["multidevice"]
+)
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")

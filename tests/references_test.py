@@ -1,18 +1,19 @@
 """named_embed against independent references: flax, penzai and raw jax.
 
 - flax: ``flax.linen.Embed`` and ``flax.nnx.Embed`` (``__call__`` and
-  ``attend``) fed the same array as a named_embed table.
+  ``attend``) fed the same array as a named_embed table;
 - penzai: ``pz.nn.EmbeddingLookup`` / ``pz.nn.EmbeddingDecode`` on the same
-  named table (multi-axis tables, named, positional and view inputs).
+  named table (multi-axis tables; named, positional and view inputs);
 - raw jax/numpy: hypothesis properties against ``jnp.take``, ``jnp.einsum``
-  and a numpy scatter-add, including the out-of-range policies.
+  and a numpy scatter-add, the out-of-range policies included.
 
-Values and gradients are compared, eagerly and under `jax.jit`.
+Values and gradients (of ``sum(output * cotangent)``) are compared, eagerly
+and under `jax.jit` (the ``run`` fixture). The hypothesis tests, whose every
+example has new shapes, compare values and gradients compiled, and values
+eagerly as well for about half of the examples.
 """
 
 from __future__ import annotations
-
-import collections
 
 import flax.linen as nn
 import hypothesis
@@ -39,15 +40,37 @@ def arrange(x: pz.nx.NamedArrayBase, *names: str) -> jax.Array:
   Works on tracers. Fails unless ``names`` are exactly the named axes of
   ``x``, so a missing or extra axis in a result cannot go unnoticed.
   """
-  assert set(names) == set(x.named_shape) and len(names) == len(
-    x.named_shape
-  ), (names, x.named_shape)
+  assert sorted(names) == sorted(x.named_shape), (names, x.named_shape)
   tmp = tuple(f"_pos{i}" for i in range(len(x.positional_shape)))
   if tmp:
     x = x.tag_prefix(*tmp)
   if tmp or names:
     return x.untag(*tmp, *names).unwrap()
   return x.unwrap()
+
+
+def value_and_grad(f, cotangent, argnums=0):
+  """``args -> (f(*args), jax.grad(sum(f(*args) * cotangent))(*args))``.
+
+  One trace gives both, so each comparison compiles once under `jax.jit`.
+  """
+
+  def loss(*args):
+    out = f(*args)
+    return jnp.sum(out * cotangent), out
+
+  grad = jax.value_and_grad(loss, argnums=argnums, has_aux=True)
+
+  def both(*args):
+    (_, out), grads = grad(*args)
+    return out, grads
+
+  return both
+
+
+def together(*fns):
+  """One function returning every ``fn(*args)``: a single jit compilation."""
+  return lambda *args: tuple(fn(*args) for fn in fns)
 
 
 def assert_same(actual, expected) -> None:
@@ -70,6 +93,13 @@ def assert_zero(actual) -> None:
   actual = np.asarray(actual)
   assert actual.dtype == np.float32
   np.testing.assert_array_equal(actual, np.zeros_like(actual))
+
+
+def scatter_add(vocab: int, rows: np.ndarray, cotangent: np.ndarray):
+  """Reference table gradient: row ``rows[i]`` gets ``cotangent[i]``."""
+  grad = np.zeros((vocab, *cotangent.shape[rows.ndim :]), np.float64)
+  np.add.at(grad, rows, cotangent)
+  return grad.astype(np.float32)
 
 
 # ===================================================================== flax
@@ -112,6 +142,10 @@ FLAX_LOOKUP = {"linen": linen_lookup, "nnx": nnx_lookup}
 FLAX_ATTEND = {"linen": linen_attend, "nnx": nnx_attend}
 
 
+# Each flax API once, with each form of ne's lookup once.
+FLAX_AND_FORM = [("linen", "function"), ("nnx", "layer")]
+
+
 def trainable_table(w) -> ne.EmbeddingTable:
   """A trainable table built from the raw (possibly traced) array."""
   return ne.EmbeddingTable.from_pretrained(w, freeze=False)
@@ -127,13 +161,20 @@ def ne_lookup_raw(form, table, ids, **options):
   return arrange(out, "embedding")
 
 
+def ne_lookup_fn(form, **options):
+  """``(w, ids) -> [*ids.shape, embedding]`` with a trainable table of w."""
+  return lambda w, ids: ne_lookup_raw(form, trainable_table(w), ids, **options)
+
+
 def ne_decode_raw(form, table, query, hidden_layout):
   """Decode of a raw ``[b, s, embedding]`` query, as ``[b, s, vocabulary]``."""
-  hidden = pz.nx.wrap(query).tag("b", "s", "embedding")
+  if hidden_layout == "view":  # data stored as [embedding, b, s]
+    hidden = pz.nx.wrap(jnp.transpose(query, (2, 0, 1)))
+    hidden = hidden.tag("embedding", "b", "s").as_namedarrayview()
+  else:
+    hidden = pz.nx.wrap(query).tag("b", "s", "embedding")
   if hidden_layout == "positional":
     hidden = hidden.untag("b", "s")
-  elif hidden_layout == "view":
-    hidden = hidden.untag("embedding", "b").tag("embedding", "b")
   if form == "function":
     out = ne.decode(table, hidden)
   else:
@@ -143,12 +184,12 @@ def ne_decode_raw(form, table, query, hidden_layout):
   return arrange(out, "b", "s", "vocabulary")
 
 
-@pytest.mark.parametrize("form", ["function", "layer"])
 @pytest.mark.parametrize("flax_api", ["linen", "nnx"])
-@pytest.mark.parametrize("tokens", ["numpy", "wrapped", "named"])
-def test_flax_lookup_in_range(run, flax_api, form, tokens):
-  flax_lookup = FLAX_LOOKUP[flax_api]
-
+@pytest.mark.parametrize(
+  "tokens, form",
+  [("numpy", "function"), ("wrapped", "layer"), ("named", "function")],
+)
+def test_flax_lookup_in_range(run, flax_api, tokens, form):
   def ne_lookup(w, ids):
     table = trainable_table(w)
     if tokens == "numpy":
@@ -164,147 +205,181 @@ def test_flax_lookup_in_range(run, flax_api, form, tokens):
     assert out.positional_shape == IDS.shape
     return arrange(out, "embedding")
 
-  expected = run(flax_lookup, W, IDS)
+  (expected, expected_grad), (got, grad) = run(
+    together(
+      value_and_grad(FLAX_LOOKUP[flax_api], IDS_CT),
+      value_and_grad(ne_lookup, IDS_CT),
+    ),
+    W,
+    IDS,
+  )
   assert_same(expected, W[IDS])  # the reference itself
-  assert_same(run(ne_lookup, W, IDS), expected)
-
-  ne_loss = lambda w, ids: jnp.sum(ne_lookup(w, ids) * IDS_CT)
-  flax_loss = lambda w, ids: jnp.sum(flax_lookup(w, ids) * IDS_CT)
-  expected_grad = run(jax.grad(flax_loss), W, IDS)
-  assert np.abs(np.asarray(expected_grad)).min() > 0  # every row is read
-  assert_close(run(jax.grad(ne_loss), W, IDS), expected_grad)
+  assert_close(expected_grad, scatter_add(V, IDS, IDS_CT))
+  assert_same(got, expected)
+  assert_close(grad, expected_grad)
 
 
-@pytest.mark.parametrize("form", ["function", "layer"])
 @pytest.mark.parametrize("flax_api", ["linen", "nnx"])
-@pytest.mark.parametrize("hidden_layout", ["named", "positional", "view"])
-def test_flax_attend_matches_decode(run, flax_api, form, hidden_layout):
-  flax_attend = FLAX_ATTEND[flax_api]
-
+@pytest.mark.parametrize(
+  "hidden_layout, form",
+  [("named", "function"), ("positional", "layer"), ("view", "function")],
+)
+def test_flax_attend_matches_decode(run, flax_api, hidden_layout, form):
   def ne_decode(w, query):
     return ne_decode_raw(form, trainable_table(w), query, hidden_layout)
 
-  expected = run(flax_attend, W, Q)
+  (expected, expected_grads), (got, grads) = run(
+    together(
+      value_and_grad(FLAX_ATTEND[flax_api], Q_CT, argnums=(0, 1)),
+      value_and_grad(ne_decode, Q_CT, argnums=(0, 1)),
+    ),
+    W,
+    Q,
+  )
   assert_close(expected, np.einsum("bse,ve->bsv", Q, W), rtol=1e-5)
-  assert_close(run(ne_decode, W, Q), expected)
-
-  ne_loss = lambda w, q: jnp.sum(ne_decode(w, q) * Q_CT)
-  flax_loss = lambda w, q: jnp.sum(flax_attend(w, q) * Q_CT)
-  grad = jax.grad(ne_loss, argnums=(0, 1))
-  expected_grad = run(jax.grad(flax_loss, argnums=(0, 1)), W, Q)
-  for got, want in zip(run(grad, W, Q), expected_grad, strict=True):
+  assert_close(got, expected)
+  for got, want in zip(grads, expected_grads, strict=True):
     assert_close(got, want)
 
 
-HIGH_IDS = np.array([[0, V, 3], [V + 1, 2**31 - 1, 5], [1000, 2, V - 1]])
+def test_tied_lookup_then_decode_matches_flax(run):
+  """One table used twice: its gradient is the sum of both uses, as in a
+  flax model that calls ``embed(ids)`` and then ``embed.attend(...)``."""
+  cotangent = normal(*IDS.shape, V)
+
+  def flax_tied(w, ids):
+    return linen_attend(w, linen_lookup(w, ids))
+
+  def ne_tied(w, ids):
+    table = trainable_table(w)
+    tokens = pz.nx.wrap(ids).tag("batch", "seq")
+    model = pz.nn.Sequential(
+      [ne.EmbeddingLookup(table), ne.EmbeddingDecode(table)]
+    )
+    assert len(pz.unbind_params(model)[1]) == 1  # one shared parameter
+    return arrange(model(tokens), "batch", "seq", "vocabulary")
+
+  (expected, expected_grad), (got, grad) = run(
+    together(
+      value_and_grad(flax_tied, cotangent), value_and_grad(ne_tied, cotangent)
+    ),
+    W,
+    IDS,
+  )
+  assert_close(got, expected)
+  assert_close(grad, expected_grad, rtol=1e-5)
 
 
-@pytest.mark.parametrize("flax_api", ["linen", "nnx"])
-def test_ids_at_or_above_vocab_are_nan_in_flax_and_in_default_fill(
-  run, flax_api
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16])
+def test_narrow_integer_ids_with_a_large_vocabulary_match_flax(run, dtype):
+  vocab = 300  # more rows than int8/uint8 can count
+  w = normal(vocab, D)
+  ids = np.array([[0, 255, 7], [200, 1, 255]], dtype)
+  cotangent = normal(*ids.shape, D)
+  (expected, expected_grad), (got, grad) = run(
+    together(
+      value_and_grad(linen_lookup, cotangent),
+      value_and_grad(ne_lookup_fn("function"), cotangent),
+    ),
+    w,
+    ids,
+  )
+  assert_same(expected, w[ids.astype(np.int64)])
+  assert_same(got, expected)
+  assert_close(grad, expected_grad)
+
+
+HIGH_IDS = np.array(
+  [[0, V, 3], [V + 1, 2**31 - 1, 5], [1000, 2, V - 1]], np.int32
+)
+
+
+@pytest.mark.parametrize("flax_api, form", FLAX_AND_FORM)
+def test_ids_at_or_above_vocab_are_nan_in_flax_and_default_fill(
+  run, flax_api, form
 ):
-  flax_lookup = FLAX_LOOKUP[flax_api]
-  ids = HIGH_IDS.astype(np.int32)
-  bad = ids >= V
+  ids, bad = HIGH_IDS, HIGH_IDS >= V
   cotangent = normal(*ids.shape, D)
 
-  expected = np.asarray(run(flax_lookup, W, ids))
+  (expected, expected_grad), (got, grad) = run(
+    together(
+      value_and_grad(FLAX_LOOKUP[flax_api], cotangent),
+      value_and_grad(ne_lookup_fn(form), cotangent),
+    ),
+    W,
+    ids,
+  )
+  expected = np.asarray(expected)
   assert np.isnan(expected[bad]).all()
   assert not np.isnan(expected[~bad]).any()
-  got = run(
-    lambda w, i: ne_lookup_raw("function", trainable_table(w), i), W, ids
-  )
+  # Neither sends any gradient to a row from the bad ids.
+  assert_close(expected_grad, scatter_add(V, ids[~bad], cotangent[~bad]))
   assert_same(got, expected)
-  got = run(lambda w, i: ne_lookup_raw("layer", trainable_table(w), i), W, ids)
-  assert_same(got, expected)
-
-  # Gradients: neither sends any to a row from the bad ids.
-  ne_loss = lambda w, i: jnp.sum(
-    ne_lookup_raw("function", trainable_table(w), i) * cotangent
-  )
-  flax_loss = lambda w, i: jnp.sum(flax_lookup(w, i) * cotangent)
-  expected_grad = np.asarray(run(jax.grad(flax_loss), W, ids))
-  manual = np.zeros_like(W)
-  np.add.at(manual, ids[~bad], cotangent[~bad])
-  assert_close(expected_grad, manual)
-  assert_close(run(jax.grad(ne_loss), W, ids), expected_grad)
+  assert_close(grad, expected_grad)
 
 
 NEG_IDS = np.array([[-1, 0, -V], [3, -2, -V + 1], [V - 1, -3, 2]], np.int32)
 
 
-@pytest.mark.parametrize("flax_api", ["linen", "nnx"])
+@pytest.mark.parametrize("flax_api, form", FLAX_AND_FORM)
 def test_negative_ids_flax_wraps_ne_fill_gives_nan_ne_wrap_agrees(
-  run, flax_api
+  run, flax_api, form
 ):
   """Documented difference: flax (numpy indexing) wraps ids in [-V, -1];
-  ne's default "fill" treats every negative id as out of range (NaN, no
+  ne's default "fill" treats every negative id as out of range (NaN row, no
   gradient); ne's "wrap" policy reproduces flax there."""
-  flax_lookup = FLAX_LOOKUP[flax_api]
-  ids = NEG_IDS
-  negative = ids < 0
+  ids, negative = NEG_IDS, NEG_IDS < 0
   cotangent = normal(*ids.shape, D)
 
-  expected = np.asarray(run(flax_lookup, W, ids))
+  (expected, expected_grad), (got, grad), (fill, fill_grad) = run(
+    together(
+      value_and_grad(FLAX_LOOKUP[flax_api], cotangent),
+      value_and_grad(ne_lookup_fn(form, out_of_range="wrap"), cotangent),
+      value_and_grad(ne_lookup_fn(form), cotangent),
+    ),
+    W,
+    ids,
+  )
   assert_same(expected, W[ids])  # numpy semantics: -1 is the last row
+  assert_close(expected_grad, scatter_add(V, ids % V, cotangent))
 
-  fill = np.asarray(
-    run(lambda w, i: ne_lookup_raw("function", trainable_table(w), i), W, ids)
-  )
+  assert_same(got, expected)  # "wrap"
+  assert_close(grad, expected_grad)
+
+  fill = np.asarray(fill)
   assert np.isnan(fill[negative]).all()
-  assert_same(fill[~negative], expected[~negative])
-
-  for form in ("function", "layer"):
-
-    def ne_wrap(w, i, form=form):
-      return ne_lookup_raw(form, trainable_table(w), i, out_of_range="wrap")
-
-    assert_same(run(ne_wrap, W, ids), expected)
-    ne_loss = lambda w, i, f=ne_wrap: jnp.sum(f(w, i) * cotangent)
-    flax_loss = lambda w, i: jnp.sum(flax_lookup(w, i) * cotangent)
-    assert_close(
-      run(jax.grad(ne_loss), W, ids), run(jax.grad(flax_loss), W, ids)
-    )
-
-  # and "fill" keeps the negative ids' cotangent away from every row
-  fill_loss = lambda w, i: jnp.sum(
-    ne_lookup_raw("function", trainable_table(w), i) * cotangent
-  )
-  manual = np.zeros_like(W)
-  np.add.at(manual, ids[~negative], cotangent[~negative])
-  assert_close(run(jax.grad(fill_loss), W, ids), manual)
+  assert_same(fill[~negative], np.asarray(expected)[~negative])
+  assert_close(fill_grad, scatter_add(V, ids[~negative], cotangent[~negative]))
 
 
 W1 = normal(1, D)
 ANY_IDS = np.array([[0, 1, -1], [7, -100, 2**31 - 1]], np.int32)
 
 
-@pytest.mark.parametrize("form", ["function", "layer"])
-@pytest.mark.parametrize("flax_api", ["linen", "nnx"])
-def test_vocab_of_one_broadcasts_row_zero_like_flax(run, flax_api, form):
-  flax_lookup = FLAX_LOOKUP[flax_api]
+@pytest.mark.parametrize("flax_api, form", FLAX_AND_FORM)
+def test_vocab_of_one_clip_broadcasts_row_zero_like_flax(run, flax_api, form):
   cotangent = normal(*ANY_IDS.shape, D)
 
-  def ne_clip(w, i):
-    return ne_lookup_raw(form, trainable_table(w), i, out_of_range="clip")
-
-  expected = run(flax_lookup, W1, ANY_IDS)
+  (expected, expected_grad), (got, grad), (fill, fill_grad) = run(
+    together(
+      value_and_grad(FLAX_LOOKUP[flax_api], cotangent),
+      value_and_grad(ne_lookup_fn(form, out_of_range="clip"), cotangent),
+      value_and_grad(ne_lookup_fn(form), cotangent),
+    ),
+    W1,
+    ANY_IDS,
+  )
   assert_same(expected, np.broadcast_to(W1[0], (*ANY_IDS.shape, D)))
-  assert_same(run(ne_clip, W1, ANY_IDS), expected)
-
-  ne_loss = lambda w, i: jnp.sum(ne_clip(w, i) * cotangent)
-  flax_loss = lambda w, i: jnp.sum(flax_lookup(w, i) * cotangent)
-  got = run(jax.grad(ne_loss), W1, ANY_IDS)
-  assert_close(got, cotangent.sum(axis=(0, 1))[None], rtol=1e-5)
-  assert_close(got, run(jax.grad(flax_loss), W1, ANY_IDS))
+  assert_same(got, expected)  # "clip"
+  # the gradient of row 0 is the sum of all cotangents
+  assert_close(grad, cotangent.sum(axis=(0, 1))[None], rtol=1e-5)
+  assert_close(grad, expected_grad)
 
   # Under the default "fill" only id 0 is in range (flax broadcasts anyway).
-  fill = np.asarray(
-    run(lambda w, i: ne_lookup_raw(form, trainable_table(w), i), W1, ANY_IDS)
-  )
   zero = ANY_IDS == 0
-  assert np.isnan(fill[~zero]).all()
-  assert_same(fill[zero], np.asarray(expected)[zero])
+  assert np.isnan(np.asarray(fill)[~zero]).all()
+  assert_same(np.asarray(fill)[zero], np.asarray(expected)[zero])
+  assert_close(fill_grad, cotangent[zero].sum(axis=0)[None])
 
 
 @pytest.mark.parametrize("policy", ["fill", "clip", "wrap"])
@@ -330,30 +405,32 @@ def test_frozen_table_has_exactly_zero_gradient(run):
     return ne_lookup_raw("function", ne.EmbeddingTable.from_pretrained(w), ids)
 
   def frozen_decode(w, query):
-    return ne_decode_raw(
-      "layer", ne.EmbeddingTable.from_pretrained(w), query, "named"
-    )
+    table = ne.EmbeddingTable.from_pretrained(w)
+    assert table.frozen
+    return ne_decode_raw("layer", table, query, "named")
 
-  assert_same(run(frozen_lookup, W, IDS), run(linen_lookup, W, IDS))
-  assert_close(run(frozen_decode, W, Q), run(linen_attend, W, Q))
+  got, grad = run(value_and_grad(frozen_lookup, IDS_CT), W, IDS)
+  assert_same(got, W[IDS])
+  assert_zero(grad)
 
-  lookup_loss = lambda w, i: jnp.sum(frozen_lookup(w, i) * IDS_CT)
-  assert_zero(run(jax.grad(lookup_loss), W, IDS))
-
-  decode_loss = lambda w, q: jnp.sum(frozen_decode(w, q) * Q_CT)
-  grad_w, grad_q = run(jax.grad(decode_loss, argnums=(0, 1)), W, Q)
+  (expected, (_, expected_grad_q)), (got, (grad_w, grad_q)) = run(
+    together(
+      value_and_grad(linen_attend, Q_CT, argnums=(0, 1)),
+      value_and_grad(frozen_decode, Q_CT, argnums=(0, 1)),
+    ),
+    W,
+    Q,
+  )
+  assert_close(got, expected)
   assert_zero(grad_w)
-  # The hidden input still gets its gradient.
-  flax_loss = lambda w, q: jnp.sum(linen_attend(w, q) * Q_CT)
-  assert_close(grad_q, run(jax.grad(flax_loss, argnums=1), W, Q))
+  assert_close(grad_q, expected_grad_q)  # the hidden input still trains
 
 
 def test_gradient_through_freeze_params_and_bind_variables(run):
   """Two ways to differentiate a trainable table without rebuilding it."""
   table = ne.EmbeddingTable.from_pretrained(W, freeze=False)
   assert isinstance(table.embeddings, pz.Parameter) and not table.frozen
-  flax_loss = lambda w: jnp.sum(linen_lookup(w, IDS) * IDS_CT)
-  expected = run(jax.grad(flax_loss), W)
+  expected = scatter_add(V, IDS, IDS_CT)
 
   def loss(t):
     return jnp.sum(ne_lookup_raw("layer", t, IDS) * IDS_CT)
@@ -402,7 +479,7 @@ def ne_table(kind, w, build):
   value = named_table_value(kind, w)
   if build == "from_pretrained":
     return ne.EmbeddingTable.from_pretrained(value, freeze=False)
-  # kept in storage order as given, through the constructor
+  # kept in the storage order given, through the constructor
   return ne.EmbeddingTable(pz.ParameterValue(value=value, label="t"))
 
 
@@ -415,23 +492,16 @@ def token_array(kind: str, ids) -> pz.nx.NamedArrayBase:
     return pz.nx.wrap(ids)
   if kind == "mixed":
     return pz.nx.wrap(ids).tag_prefix("batch")
-  if kind == "view_reordered":  # swaps which data axis is "batch"/"chunk"
+  if kind == "relabelled":  # swaps which data axis is "batch"/"chunk"
     return named.untag("chunk", "batch").tag("batch", "chunk")
+  if kind == "view_named":  # data stored as [seq, chunk, batch]
+    stored = pz.nx.wrap(jnp.transpose(ids, (1, 2, 0)))
+    return stored.tag("seq", "chunk", "batch").as_namedarrayview()
   if kind == "view_positional":
     return named.untag("seq")
   if kind == "nmap":
     return pz.nx.nmap(lambda x: x[::-1])(named.untag("chunk"))
   raise ValueError(kind)
-
-
-TOKEN_KINDS = [
-  "named",
-  "positional",
-  "mixed",
-  "view_reordered",
-  "view_positional",
-  "nmap",
-]
 
 
 def canonical(x: pz.nx.NamedArrayBase) -> pz.nx.NamedArray:
@@ -449,9 +519,21 @@ def assert_named_equal(actual, expected, close=False) -> None:
   )
 
 
-@pytest.mark.parametrize("build", ["from_pretrained", "constructor"])
-@pytest.mark.parametrize("table_kind", list(TABLE_AXES))
-@pytest.mark.parametrize("token_kind", TOKEN_KINDS)
+# Every token layout once; every table layout and way of building it at
+# least twice (the hypothesis tests below mix layouts at random).
+PZ_LOOKUP_CASES = [
+  ("named", "multi_permuted", "constructor"),
+  ("named", "single", "from_pretrained"),
+  ("positional", "multi", "from_pretrained"),
+  ("mixed", "multi_permuted", "constructor"),
+  ("relabelled", "single", "constructor"),
+  ("view_named", "multi", "from_pretrained"),
+  ("view_positional", "multi_permuted", "constructor"),
+  ("nmap", "single", "from_pretrained"),
+]
+
+
+@pytest.mark.parametrize("token_kind, table_kind, build", PZ_LOOKUP_CASES)
 def test_penzai_lookup(run, token_kind, table_kind, build):
   w = PZ_TABLES[table_kind]
   ids = token_array(token_kind, PZ_IDS)
@@ -465,19 +547,25 @@ def test_penzai_lookup(run, token_kind, table_kind, build):
   def ours_function(w, ids):
     return ne.lookup(ne_table(table_kind, w, build), ids)
 
-  expected = run(reference, w, ids)
-  assert_named_equal(run(ours, w, ids), expected)
-  assert_named_equal(run(ours_function, w, ids), expected)
+  shape = jax.eval_shape(lambda w, i: canonical(reference(w, i)), w, ids)
+  cotangent = normal(*shape.data_array.shape)
 
-  cotangent = normal(*canonical(expected).data_array.shape)
+  def raw_of(f):
+    return lambda w, ids: canonical(f(w, ids)).data_array
 
-  def loss_of(f):
-    return lambda w, ids: jnp.sum(canonical(f(w, ids)).data_array * cotangent)
-
-  expected_grad = run(jax.grad(loss_of(reference)), w, ids)
+  # The reference always runs compiled (fewer compilations when eager).
+  expected, (_, expected_grad) = jax.jit(
+    together(reference, value_and_grad(raw_of(reference), cotangent))
+  )(w, ids)
+  got, got_function, (_, grad) = run(
+    together(ours, ours_function, value_and_grad(raw_of(ours), cotangent)),
+    w,
+    ids,
+  )
+  assert_named_equal(got, expected)
+  assert_named_equal(got_function, expected)
   assert np.abs(np.asarray(expected_grad)).max() > 0
-  assert_close(run(jax.grad(loss_of(ours)), w, ids), expected_grad)
-  assert_close(run(jax.grad(loss_of(ours_function)), w, ids), expected_grad)
+  assert_close(grad, expected_grad)
 
 
 def hidden_array(kind: str, table_kind: str, h) -> pz.nx.NamedArrayBase:
@@ -485,29 +573,39 @@ def hidden_array(kind: str, table_kind: str, h) -> pz.nx.NamedArrayBase:
 
   (penzai's decode rejects positional axes, so all batch axes are named.)
   """
-  embedding = TABLE_AXES[table_kind][0]
-  embedding = tuple(n for n in embedding if n != "vocabulary")
-  named = pz.nx.wrap(h).tag("batch", "seq", *sorted(embedding))
+  names = TABLE_AXES[table_kind][0]
+  embedding = sorted(n for n in names if n != "vocabulary")
+  named = pz.nx.wrap(h).tag("batch", "seq", *embedding)
   if kind == "named":
     return named
-  if kind == "view_reordered":
-    last = sorted(embedding)[-1]
+  if kind == "relabelled":  # "batch" swaps with the last axis
+    last = embedding[-1]
     return named.untag(last, "batch").tag("batch", last)
+  if kind == "view":  # data stored as [*embedding, seq, batch]
+    stored = pz.nx.wrap(jnp.transpose(h, (*range(2, h.ndim), 1, 0)))
+    return stored.tag(*embedding, "seq", "batch").as_namedarrayview()
   if kind == "nmap":
     return pz.nx.nmap(lambda x: 2.0 * x)(named.untag("seq")).tag("seq")
   raise ValueError(kind)
 
 
-@pytest.mark.parametrize("build", ["from_pretrained", "constructor"])
-@pytest.mark.parametrize("table_kind", list(TABLE_AXES))
-@pytest.mark.parametrize("hidden_kind", ["named", "view_reordered", "nmap"])
+@pytest.mark.parametrize(
+  "hidden_kind, table_kind, build",
+  [
+    ("named", "single", "from_pretrained"),
+    ("named", "multi_permuted", "constructor"),
+    ("relabelled", "multi", "from_pretrained"),
+    ("view", "multi", "constructor"),
+    ("nmap", "multi_permuted", "from_pretrained"),
+  ],
+)
 def test_penzai_decode(run, hidden_kind, table_kind, build):
   w = PZ_TABLES[table_kind]
   names, shape = TABLE_AXES[table_kind]
   sizes = dict(zip(names, shape, strict=True))
   embedding = sorted(n for n in names if n != "vocabulary")
   h = normal(3, 2, *(sizes[n] for n in embedding))
-  if hidden_kind == "view_reordered":  # "batch" swaps with the last axis
+  if hidden_kind == "relabelled":  # "batch" swaps with the last axis
     h = normal(sizes[embedding[-1]], 2, *(sizes[n] for n in embedding[:-1]), 3)
 
   def reference(w, h):
@@ -524,65 +622,77 @@ def test_penzai_decode(run, hidden_kind, table_kind, build):
     table = ne_table(table_kind, w, build)
     return ne.decode(table, hidden_array(hidden_kind, table_kind, h))
 
-  expected = run(reference, w, h)
+  shape = jax.eval_shape(lambda w, h: canonical(reference(w, h)), w, h)
+  cotangent = normal(*shape.data_array.shape)
+
+  def raw_of(f):
+    return lambda w, h: canonical(f(w, h)).data_array
+
+  expected, (_, expected_grads) = jax.jit(
+    together(
+      reference,
+      value_and_grad(raw_of(reference), cotangent, argnums=(0, 1)),
+    )
+  )(w, h)
+  got, got_function, (_, grads) = run(
+    together(
+      ours,
+      ours_function,
+      value_and_grad(raw_of(ours), cotangent, argnums=(0, 1)),
+    ),
+    w,
+    h,
+  )
   assert dict(expected.named_shape) == {"batch": 3, "seq": 2, "vocabulary": 7}
-  assert_named_equal(run(ours, w, h), expected, close=True)
-  assert_named_equal(run(ours_function, w, h), expected, close=True)
-
-  cotangent = normal(*canonical(expected).data_array.shape)
-
-  def loss_of(f):
-    return lambda w, h: jnp.sum(canonical(f(w, h)).data_array * cotangent)
-
-  expected_grads = run(jax.grad(loss_of(reference), argnums=(0, 1)), w, h)
-  for f in (ours, ours_function):
-    grads = run(jax.grad(loss_of(f), argnums=(0, 1)), w, h)
-    for got, want in zip(grads, expected_grads, strict=True):
-      assert_close(got, want)
+  assert_named_equal(got, expected, close=True)
+  assert_named_equal(got_function, expected, close=True)
+  for got, want in zip(grads, expected_grads, strict=True):
+    assert_close(got, want)
 
 
 # =============================================================== hypothesis
 
-# Axis names: identifiers that are never table/token reserved words here,
-# drawn distinct; positional token axes are named "_pos*" only by `arrange`.
+# When a hypothesis test fails, its pytest plugin imports libcst to write a
+# patch, and libcst triggers this DeprecationWarning, which `filterwarnings =
+# error` turns into an INTERNALERROR that hides the real failure.
+LIBCST_WARNING = pytest.mark.filterwarnings(
+  "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+)
+
+# Distinct identifiers; none is a name the tests use for anything else
+# (positional token axes are tagged "p0", "p1", ... only transiently).
 AXIS_NAMES = ("a", "b", "x", "y", "seq", "batch", "heads", "k", "embed", "v")
 
 
 @st.composite
 def layouts(draw, max_token_axes: int = 3):
-  """Random names and shapes for a table and a token (or hidden) array."""
+  """Random names, sizes and storage layouts for a table and an input."""
   n_embedding = draw(st.integers(1, 3))
   n_named = draw(st.integers(0, 2))
+  n_positional = draw(st.integers(0, max_token_axes - n_named))
   names = draw(
     st.lists(
       st.sampled_from(AXIS_NAMES),
-      min_size=2 + n_embedding + n_named,
-      max_size=2 + n_embedding + n_named,
+      min_size=1 + n_embedding + n_named,
+      max_size=1 + n_embedding + n_named,
       unique=True,
     )
   )
-  vocab_axis, embedding, named = (
-    names[0],
-    tuple(names[1 : 1 + n_embedding]),
-    tuple(names[1 + n_embedding : 1 + n_embedding + n_named]),
-  )
-  n_positional = draw(st.integers(0, max(0, max_token_axes - n_named)))
+  n_input = n_positional + n_named + n_embedding
   return dict(
-    vocab_axis=vocab_axis,
+    vocab_axis=names[0],
     vocab=draw(st.integers(1, 9)),
-    embedding=embedding,
-    embedding_sizes=tuple(draw(st.integers(1, 4)) for _ in embedding),
-    named=named,
-    named_sizes=tuple(draw(st.integers(0, 3)) for _ in named),
+    embedding=tuple(names[1 : 1 + n_embedding]),
+    embedding_sizes=tuple(draw(st.integers(1, 4)) for _ in range(n_embedding)),
+    named=tuple(names[1 + n_embedding :]),
+    named_sizes=tuple(draw(st.integers(0, 3)) for _ in range(n_named)),
     positional_sizes=tuple(
       draw(st.integers(0, 3)) for _ in range(n_positional)
     ),
     table_perm=tuple(draw(st.permutations(range(1 + n_embedding)))),
-    data_perm=tuple(
-      draw(st.permutations(range(n_positional + n_named + n_embedding)))
-    ),
+    input_perm=tuple(draw(st.permutations(range(n_input)))),
     seed=draw(st.integers(0, 2**32 - 1)),
-    jit=draw(st.booleans()),
+    eager=draw(st.booleans()),  # also check the values eagerly
   )
 
 
@@ -597,17 +707,15 @@ def build_table(lay, w) -> ne.EmbeddingTable:
 
 
 def build_input(lay, logical_data, trailing=()):
-  """``logical_data`` is ``[*positional, *named, *trailing]``; returns a named
-  array holding it with its data axes in the random order ``data_perm``."""
-  n_pos = len(lay["positional_sizes"])
-  pos = tuple(f"p{i}" for i in range(n_pos))  # "p*" is not in AXIS_NAMES
+  """A named array holding ``logical_data`` (``[*positional, *named,
+  *trailing]``) with its data axes stored in a random order."""
+  pos = tuple(f"p{i}" for i in range(len(lay["positional_sizes"])))
   logical_names = (*pos, *lay["named"], *trailing)
   # the ranking of a prefix of a random permutation: a random permutation
   perm = tuple(
-    int(i) for i in np.argsort(lay["data_perm"][: len(logical_names)])
+    int(i) for i in np.argsort(lay["input_perm"][: len(logical_names)])
   )
-  data = jnp.transpose(logical_data, perm)
-  out = pz.nx.wrap(data)
+  out = pz.nx.wrap(jnp.transpose(logical_data, perm))
   if logical_names:
     out = out.tag(*(logical_names[i] for i in perm))
   if pos:
@@ -615,50 +723,50 @@ def build_input(lay, logical_data, trailing=()):
   return out
 
 
-def maybe_jit(lay, f):
-  return jax.jit(f) if lay["jit"] else f
-
-
 def check_lookup(lay, ids, policy):
-  """Compares ne.lookup's values and gradients with a raw reference."""
+  """ne.lookup's values and table gradient against a raw reference."""
   rng = np.random.default_rng(lay["seed"])
   vocab = lay["vocab"]
   w = rng.normal(size=(vocab, *lay["embedding_sizes"])).astype(np.float32)
-  out_shape = ids.shape + w.shape[1:]
-  cotangent = rng.normal(size=out_shape).astype(np.float32)
+  cotangent = rng.normal(size=ids.shape + w.shape[1:]).astype(np.float32)
+  n_pos = len(lay["positional_sizes"])
 
   def ours(w, ids):
-    tokens = build_input(lay, ids)
-    kwargs = {} if policy is None else {"out_of_range": policy}
-    out = ne.lookup(build_table(lay, w), tokens, **kwargs)
-    assert out.positional_shape == ids.shape[: len(lay["positional_sizes"])]
+    options = {} if policy is None else {"out_of_range": policy}
+    out = ne.lookup(build_table(lay, w), build_input(lay, ids), **options)
+    assert out.positional_shape == ids.shape[:n_pos]
     return arrange(out, *lay["named"], *lay["embedding"])
 
   if policy in (None, "fill"):
-    rows = np.where(np.logical_and(ids >= 0, ids < vocab), ids, -1)
+    rows = np.where((ids >= 0) & (ids < vocab), ids, -1)
   elif policy == "clip":
     rows = np.clip(ids, 0, vocab - 1)
   else:
     rows = np.mod(ids, vocab)
   valid = rows >= 0
-  expected = np.asarray(jnp.take(w, np.where(valid, rows, 0), axis=0))
+
+  def reference(w, ids):
+    del ids  # the reference reads the rows the policy picks
+    return jnp.take(w, np.where(valid, rows, 0), axis=0)
+
+  # Gradients compiled (eager ones are covered by the fixed tests above,
+  # and each example's new shapes would cost many small compilations).
+  (got, grad), expected = jax.jit(
+    together(value_and_grad(ours, cotangent), reference)
+  )(w, ids)
+  expected = np.array(expected)
   expected[~valid] = np.nan
-
-  got = maybe_jit(lay, ours)(w, ids)
   assert_same(got, expected)
-
-  loss = lambda w, ids: jnp.sum(ours(w, ids) * cotangent)
-  grad = maybe_jit(lay, jax.grad(loss))(w, ids)
-  manual = np.zeros(w.shape, np.float64)
-  np.add.at(manual, rows[valid], cotangent[valid])
-  ref_loss = lambda w: jnp.sum(
-    jnp.take(w, rows[valid], axis=0) * cotangent[valid]
+  if lay["eager"]:
+    assert_same(ours(w, ids), expected)
+  # fill: no row gets anything from a bad id; clip/wrap: the row read does
+  assert_close(
+    grad, scatter_add(vocab, rows[valid], cotangent[valid]), rtol=1e-5
   )
-  assert_close(grad, jax.grad(ref_loss)(w))
-  assert_close(grad, manual.astype(np.float32), rtol=1e-5, atol=1e-5)
 
 
-@hypothesis.settings(max_examples=40, deadline=None)
+@LIBCST_WARNING
+@hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(lay=layouts())
 def test_property_lookup_matches_take(lay):
   rng = np.random.default_rng(lay["seed"] + 1)
@@ -667,10 +775,12 @@ def test_property_lookup_matches_take(lay):
   check_lookup(lay, ids, None)
 
 
-@pytest.mark.parametrize("policy", ["fill", "clip", "wrap"])
+@LIBCST_WARNING
 @hypothesis.settings(max_examples=30, deadline=None)
-@hypothesis.given(lay=layouts())
-def test_property_out_of_range_policies(policy, lay):
+@hypothesis.given(
+  lay=layouts(), policy=st.sampled_from(["fill", "clip", "wrap"])
+)
+def test_property_out_of_range_policies(lay, policy):
   rng = np.random.default_rng(lay["seed"] + 2)
   shape = (*lay["positional_sizes"], *lay["named_sizes"])
   v = lay["vocab"]
@@ -678,14 +788,15 @@ def test_property_out_of_range_policies(policy, lay):
   check_lookup(lay, ids, policy)
 
 
-@hypothesis.settings(max_examples=40, deadline=None)
+@LIBCST_WARNING
+@hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(lay=layouts())
 def test_property_decode_matches_einsum(lay):
   rng = np.random.default_rng(lay["seed"])
-  vocab, esizes = lay["vocab"], lay["embedding_sizes"]
+  vocab, sizes = lay["vocab"], lay["embedding_sizes"]
   batch_shape = (*lay["positional_sizes"], *lay["named_sizes"])
-  w = rng.normal(size=(vocab, *esizes)).astype(np.float32)
-  h = rng.normal(size=(*batch_shape, *esizes)).astype(np.float32)
+  w = rng.normal(size=(vocab, *sizes)).astype(np.float32)
+  h = rng.normal(size=(*batch_shape, *sizes)).astype(np.float32)
   cotangent = rng.normal(size=(*batch_shape, vocab)).astype(np.float32)
 
   def ours(w, h):
@@ -693,20 +804,23 @@ def test_property_decode_matches_einsum(lay):
     out = ne.decode(build_table(lay, w), hidden)
     return arrange(out, *lay["named"], lay["vocab_axis"])
 
-  nb, ne_ = len(batch_shape), len(esizes)
-  h_idx = list(range(nb + ne_))
-  w_idx = [nb + ne_, *range(nb, nb + ne_)]
-  out_idx = [*range(nb), nb + ne_]
+  n_batch, n_emb = len(batch_shape), len(sizes)
+  vocab_index = n_batch + n_emb
+  h_index = list(range(n_batch + n_emb))
+  w_index = [vocab_index, *range(n_batch, n_batch + n_emb)]
+  out_index = [*range(n_batch), vocab_index]
 
   def reference(w, h):
-    return jnp.einsum(h, h_idx, w, w_idx, out_idx)
+    return jnp.einsum(h, h_index, w, w_index, out_index)
 
-  assert_close(maybe_jit(lay, ours)(w, h), reference(w, h), rtol=1e-5)
-
-  def loss_of(f):
-    return lambda w, h: jnp.sum(f(w, h) * cotangent)
-
-  grads = maybe_jit(lay, jax.grad(loss_of(ours), argnums=(0, 1)))(w, h)
-  expected = jax.grad(loss_of(reference), argnums=(0, 1))(w, h)
-  for got, want in zip(grads, expected, strict=True):
+  (got, grads), (expected, expected_grads) = jax.jit(
+    together(
+      value_and_grad(ours, cotangent, argnums=(0, 1)),
+      value_and_grad(reference, cotangent, argnums=(0, 1)),
+    )
+  )(w, h)
+  assert_close(got, expected, rtol=1e-5)
+  if lay["eager"]:
+    assert_close(ours(w, h), expected, rtol=1e-5)
+  for got, want in zip(grads, expected_grads, strict=True):
     assert_close(got, want, rtol=1e-5)

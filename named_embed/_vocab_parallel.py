@@ -1,0 +1,210 @@
+"""Vocabulary-parallel chunked cross-entropy with `jax.shard_map`.
+
+Each device owns a contiguous range of table rows (the vocabulary axis is
+sharded over one mesh axis). Forwards, every device runs the chunked
+online log-sum-exp over *its own rows only* (`_chunked_ce.local_stats`,
+chunks never cross a shard boundary), then one ``pmax`` and one fused
+``psum`` of three ``[tokens]`` vectors combine the statistics. Backwards,
+every device recomputes its chunks and produces the gradient of its own
+rows (which stays sharded) and a partial ``d hidden``, summed by one
+all-reduce of ``[tokens, embedding]``. Collectives run outside the chunk
+loops; the table is never gathered.
+
+The custom_vjp sits *outside* the two shard_maps, so autodiff never
+transposes a collective or a loop (no psum lands inside a while body).
+
+Two ways to map the computation onto the mesh:
+
+- Explicit mesh axes: the specs of the operands are part of their types;
+  the shard_map is manual over every mesh axis with exactly those specs.
+- Auto mesh axes: the table's `NamedSharding` (recorded by `ne.shard`)
+  gives the mesh; the shard_map is manual over the vocabulary mesh axis
+  only, and GSPMD keeps partitioning the token axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from named_embed import _chunked_ce, _norms
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+  """How the loss maps onto the mesh (hashable: a custom_vjp static arg).
+
+  Attributes:
+    mesh: The (abstract or concrete) mesh.
+    vocab_axis: Mesh axis (or axes) sharding the table's rows.
+    hidden_spec: Spec of ``hidden [N, E]``.
+    table_spec: Spec of ``table [R, E]``.
+    targets_spec: Spec of ``targets [N]``.
+    token_axes: Mesh axes sharding the tokens, over which each device's
+      table gradient is a partial sum (manual mode only).
+    manual_axes: Mesh axes the shard_map is manual over (None: all).
+  """
+
+  mesh: object
+  vocab_axis: str | tuple[str, ...]
+  hidden_spec: PartitionSpec
+  table_spec: PartitionSpec
+  targets_spec: PartitionSpec
+  token_axes: tuple[str, ...] = ()
+  manual_axes: frozenset | None = None
+
+
+def _shard_map(body, plan: ShardPlan, in_specs, out_specs):
+  kwargs = {}
+  if plan.manual_axes is not None:
+    kwargs["axis_names"] = plan.manual_axes
+  # check_vma=False: the bodies are never differentiated (the custom_vjp
+  # is outside), and their collectives are written out explicitly.
+  return jax.shard_map(
+    body,
+    mesh=plan.mesh,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    check_vma=False,
+    **kwargs,
+  )
+
+
+def _offset(plan: ShardPlan, local_rows: int):
+  return lax.axis_index(plan.vocab_axis) * local_rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def vocab_parallel_cross_entropy(
+  hidden, table, targets, config: _chunked_ce.LossConfig, plan: ShardPlan
+):
+  """Per-position loss ``[N]``; ``targets`` already in ``[0, V)``."""
+  return _forward(hidden, table, targets, config, plan)[0]
+
+
+def _forward(hidden, table, targets, config, plan):
+  acc = _norms.accumulation_dtype(hidden.dtype)
+
+  def body(h, w, t):
+    offset = _offset(plan, w.shape[0])
+    stats = _chunked_ce.local_stats(h.astype(acc), w, t, offset, config)
+    lse, target_logit, total = _chunked_ce.combine_stats(stats, plan.vocab_axis)
+    loss = _chunked_ce.position_loss(lse, target_logit, total, config)
+    return loss.astype(h.dtype), lse
+
+  specs = (plan.hidden_spec, plan.table_spec, plan.targets_spec)
+  token = plan.targets_spec
+  loss, lse = _shard_map(body, plan, specs, (token, token))(
+    hidden, table, targets
+  )
+  return loss, (hidden, table, targets, lse)
+
+
+def _bwd(config, plan, residuals, g):
+  hidden, table, targets, lse = residuals
+  acc = lse.dtype
+
+  def body(h, w, t, lse, g):
+    offset = _offset(plan, w.shape[0])
+    d_hidden, d_table = _chunked_ce.local_grads(
+      h.astype(acc), w, t, lse, g.astype(acc), offset, config
+    )
+    d_hidden = lax.psum(d_hidden, plan.vocab_axis)
+    if plan.token_axes:
+      d_table = lax.psum(d_table, plan.token_axes)
+    return d_hidden.astype(h.dtype), d_table
+
+  token = plan.targets_spec
+  specs = (plan.hidden_spec, plan.table_spec, token, token, token)
+  d_hidden, d_table = _shard_map(
+    body, plan, specs, (plan.hidden_spec, plan.table_spec)
+  )(hidden, table, targets, lse, g)
+  return d_hidden, d_table, None
+
+
+vocab_parallel_cross_entropy.defvjp(_forward, _bwd)
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def plan_for(hidden, table, targets, table_sharding) -> ShardPlan | None:
+  """A `ShardPlan` if the table's rows are sharded over a mesh axis.
+
+  Reads Explicit shardings from the operands' types; otherwise uses
+  ``table_sharding`` (a `NamedSharding` recorded on the table by
+  ``ne.shard``), or returns None (one device, or a replicated table).
+
+  Raises:
+    NotImplementedError: if an embedding dimension is sharded too.
+  """
+  from named_embed import _layout
+
+  table_spec = _layout.explicit_spec(table)
+  if table_spec is not None:
+    if table_spec[0] is None:
+      return None
+    hidden_spec = _layout.explicit_spec(hidden) or PartitionSpec(None, None)
+    targets_spec = _layout.explicit_spec(targets) or PartitionSpec(None)
+    _check_embedding_unsharded(hidden_spec, table_spec)
+    mesh = jax.typeof(table).sharding.mesh
+    return ShardPlan(
+      mesh=mesh,
+      vocab_axis=table_spec[0],
+      hidden_spec=PartitionSpec(*hidden_spec),
+      table_spec=PartitionSpec(*table_spec),
+      targets_spec=PartitionSpec(targets_spec[0]),
+      token_axes=_axes_of(targets_spec[0]),
+    )
+  if table_sharding is None:
+    return None
+  spec = tuple(table_sharding.spec) + (None,) * table.ndim
+  if spec[0] is None:
+    return None
+  _check_embedding_unsharded(PartitionSpec(None, None), spec[: table.ndim])
+  vocab_axes = _axes_of(spec[0])
+  mesh = table_sharding.mesh
+  # Split the tokens over every other mesh axis, so the table gradient is
+  # reduced over them once, after the chunk loop (with GSPMD partitioning
+  # the loop body, that reduction would run once per chunk).
+  token_axes = tuple(
+    a for a in mesh.axis_names if a not in vocab_axes and mesh.shape[a] > 1
+  )
+  token_devices = math.prod(mesh.shape[a] for a in token_axes)
+  if hidden.shape[0] % token_devices:
+    return ShardPlan(
+      mesh=mesh,
+      vocab_axis=spec[0],
+      hidden_spec=PartitionSpec(),
+      table_spec=PartitionSpec(spec[0]),
+      targets_spec=PartitionSpec(),
+      manual_axes=frozenset(vocab_axes),
+    )
+  token_entry = (token_axes[0] if len(token_axes) == 1 else token_axes) or None
+  return ShardPlan(
+    mesh=mesh,
+    vocab_axis=spec[0],
+    hidden_spec=PartitionSpec(token_entry, None),
+    table_spec=PartitionSpec(spec[0], None),
+    targets_spec=PartitionSpec(token_entry),
+    token_axes=token_axes,
+  )
+
+
+def _check_embedding_unsharded(hidden_spec, table_spec) -> None:
+  if any(entry is not None for entry in tuple(table_spec)[1:]) or (
+    len(hidden_spec) > 1 and hidden_spec[-1] is not None
+  ):
+    raise NotImplementedError(
+      "named_embed.decode_cross_entropy shards the vocabulary axis only;"
+      f" got table spec {table_spec} and hidden spec {hidden_spec}. Keep the"
+      " embedding axes unsharded (map them to None in the rules)."
+    )

@@ -1,0 +1,273 @@
+"""Running the whole demo, and its command line ``python -m named_embed``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import numpy as np
+from penzai import pz
+
+import named_embed as ne
+from named_embed.demo.model import ModelConfig, embedding_table, init_model
+from named_embed.demo.page import nearest_chars, render_page, write_page
+from named_embed.demo.progress import TrainingLog
+from named_embed.demo.settings import (
+  DEFAULT_BATCH_SIZE,
+  DEFAULT_LEARNING_RATE,
+  DEFAULT_OUTPUT,
+  DEFAULT_PROMPT,
+  DEFAULT_SEED,
+  DEFAULT_STEPS,
+  SAMPLE_TEMPERATURE,
+)
+from named_embed.demo.text import CharVocabulary, load_text
+from named_embed.demo.training import generate, train
+
+
+def _describe(model: pz.nn.Sequential, config: ModelConfig, n: int) -> str:
+  """The header printed before training."""
+  _, params = pz.unbind_params(model)
+  sizes = {p.label: math.prod(p.value.named_shape.values()) for p in params}
+  return (
+    f"named_embed demo: a tied-embedding character model on {n:,} characters"
+    f" of fables\n  vocabulary {config.vocab_size}, context {config.context},"
+    f" embedding {config.embedding}, hidden {config.hidden};"
+    f" {sum(sizes.values()):,} parameters"
+    f" ({', '.join(f'{k} {v:,}' for k, v in sizes.items())})\n"
+    "  one EmbeddingTable shared by EmbeddingLookup and EmbeddingDecode"
+  )
+
+
+def _report(
+  table: ne.EmbeddingTable, vocab: CharVocabulary, sample: str
+) -> list[str]:
+  """The lines printed after training: the sample and some neighbours."""
+  near = {c: " ".join(nearest_chars(table, vocab, c)) for c in "aetAT,"}
+  return [
+    f"sample (temperature {SAMPLE_TEMPERATURE}):\n  {sample}",
+    "nearest rows: " + " | ".join(f"{c} ~ {n}" for c, n in near.items()),
+  ]
+
+
+def _losses(log: TrainingLog) -> str:
+  """First and last evaluated losses, for the page."""
+  (_, train0, valid0), (step, train1, valid1) = log.evals[0], log.evals[-1]
+  return (
+    f"{step} steps: valid loss {valid0:.3f} -> {valid1:.3f},"
+    f" train loss {train0:.3f} -> {train1:.3f}"
+  )
+
+
+def run(
+  steps: int = DEFAULT_STEPS,
+  seed: int = DEFAULT_SEED,
+  output: str | os.PathLike[str] = DEFAULT_OUTPUT,
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  learning_rate: float = DEFAULT_LEARNING_RATE,
+  prompt: str = DEFAULT_PROMPT,
+  stream: TextIO | None = None,
+  progress: TextIO | None = None,
+) -> dict[str, Any]:
+  """Runs the whole demo: train, print a sample, write the HTML page.
+
+  Args:
+    steps: Number of training steps.
+    seed: Seed of the initialisation, the batches and the sample.
+    output: Path of the HTML page.
+    batch_size: Windows per training step.
+    learning_rate: Initial Adam step size (cosine-decayed to 0).
+    prompt: Start of the generated sample.
+    stream: Where the report goes (default ``sys.stdout``).
+    progress: Where the progress bar goes (default ``sys.stderr``).
+
+  Returns:
+    A dict with ``"losses"`` (one per step), ``"evals"`` (``(step,
+    train_loss, valid_loss)`` tuples), ``"sample"``, ``"output"`` (the
+    absolute path of the page), ``"model"`` (trained) and ``"vocabulary"``.
+
+  Example (a few seconds, mostly compilation; with the default batch size,
+  the compiled functions are shared with other runs in the same process):
+
+  >>> import io, tempfile
+  >>> out = io.StringIO()
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   result = run(steps=2, output=f"{tmp}/demo.html", stream=out,
+  ...                progress=io.StringIO())
+  ...   print(os.path.exists(result["output"]))
+  True
+  >>> len(result["losses"]), [step for step, _, _ in result["evals"]]
+  (2, [0, 1, 2])
+  >>> result["sample"][:16], len(result["vocabulary"]) > 40
+  ('Once upon a time', True)
+  >>> print(out.getvalue().splitlines()[0])  # doctest: +ELLIPSIS
+  named_embed demo: a tied-embedding character model on ... of fables
+  """
+  start = time.perf_counter()
+  stream = sys.stdout if stream is None else stream
+  vocab, ids = _fables()
+  split = len(ids) * 9 // 10
+  config = ModelConfig(vocab_size=len(vocab))
+  model = init_model(config, seed)
+  header = _describe(model, config, len(ids))
+  print(header, file=stream, flush=True)
+  model, log = train(
+    model,
+    ids[:split],
+    ids[split:],
+    context=config.context,
+    steps=steps,
+    batch_size=batch_size,
+    learning_rate=learning_rate,
+    seed=seed,
+    stream=stream,
+    progress=progress,
+  )
+  sample = generate(model, vocab, prompt, context=config.context, seed=seed)
+  path = _publish(model, vocab, [header, _losses(log)], sample, output, stream)
+  print(f"done in {time.perf_counter() - start:.1f} s", file=stream, flush=True)
+  return {
+    "losses": log.losses,
+    "evals": log.evals,
+    "sample": sample,
+    "output": path,
+    "model": model,
+    "vocabulary": vocab,
+  }
+
+
+def _fables() -> tuple[CharVocabulary, np.ndarray]:
+  """The vocabulary of the fables and the fables as token ids."""
+  text = load_text()
+  vocab = CharVocabulary.from_text(text)
+  return vocab, vocab.encode(text)
+
+
+def _publish(
+  model: pz.nn.Sequential,
+  vocab: CharVocabulary,
+  summary: Sequence[str],
+  sample: str,
+  output: str | os.PathLike[str],
+  stream: TextIO,
+) -> str:
+  """Prints the sample and neighbours, and writes the page; returns its path.
+
+  The page shows ``summary`` followed by the printed lines.
+  """
+  table = embedding_table(model)
+  report = _report(table, vocab, sample)
+  page = render_page(table, vocab, [*summary, *report], model)
+  path = write_page(page, output)
+  for line in [*report, f"wrote {path}"]:
+    print(line, file=stream)
+  return path
+
+
+def _non_negative_int(text: str) -> int:
+  value = int(text)
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+  return value
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+def _positive_float(text: str) -> float:
+  value = float(text)
+  if not (value > 0 and math.isfinite(value)):
+    raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line parser of ``python -m named_embed``.
+
+  >>> args = build_parser().parse_args(["--steps", "50", "--seed", "3"])
+  >>> args.steps, args.seed, args.batch_size, args.output
+  (50, 3, 256, 'named_embed_demo.html')
+  """
+  parser = argparse.ArgumentParser(
+    prog="python -m named_embed",
+    description=(
+      "Train a tiny character-level language model whose input and output"
+      " embeddings are one named_embed.EmbeddingTable (tied weights), print"
+      " its falling loss and a generated sample, and write an HTML page of"
+      " the trained table rendered with treescope."
+    ),
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  add = parser.add_argument
+  add(
+    "--steps",
+    type=_non_negative_int,
+    default=DEFAULT_STEPS,
+    help="number of training steps",
+  )
+  add(
+    "--seed",
+    type=int,
+    default=DEFAULT_SEED,
+    help="random seed of initialisation, batches and sampling",
+  )
+  add("--output", default=DEFAULT_OUTPUT, help="path of the HTML page to write")
+  add(
+    "--batch-size",
+    type=_positive_int,
+    default=DEFAULT_BATCH_SIZE,
+    help="training windows per step",
+  )
+  add(
+    "--learning-rate",
+    type=_positive_float,
+    default=DEFAULT_LEARNING_RATE,
+    help="initial Adam learning rate (cosine-decayed to 0)",
+  )
+  add(
+    "--prompt",
+    default=DEFAULT_PROMPT,
+    help="start of the generated sample (characters of the fables only)",
+  )
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of ``python -m named_embed``.
+
+  Args:
+    argv: Command-line arguments (default ``sys.argv[1:]``).
+
+  Returns:
+    The exit status, 0.
+
+  Example (invalid arguments exit with status 2, as argparse does):
+
+  >>> main(["--steps", "-1"])
+  Traceback (most recent call last):
+  ...
+  SystemExit: 2
+  """
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  unknown = set(args.prompt) - set(load_text())
+  if unknown:
+    parser.error(f"--prompt: {sorted(unknown)} do not occur in the fables")
+  run(
+    steps=args.steps,
+    seed=args.seed,
+    output=args.output,
+    batch_size=args.batch_size,
+    learning_rate=args.learning_rate,
+    prompt=args.prompt,
+  )
+  return 0

@@ -1,0 +1,356 @@
+"""safetensors files: `save` / `load` of whole tables, `from_safetensors`.
+
+A table file holds one tensor, ``"embeddings"``, laid out
+``[vocabulary, *embedding axes]`` in the table's own dtype (float32,
+bfloat16 and float16 round-trip bit for bit), and string metadata:
+
+========================  ===================================================
+``named_embed``           format version, ``"1"``
+``vocabulary_axis``       name of the vocabulary axis
+``embedding_axes``        JSON list of the embedding axis names, in order
+``padding_index``         JSON int or ``null``
+``vocabulary``            JSON ``{"tokens": [...], "roles": {"pad": ...}}``
+                          (only when the table has a vocabulary)
+``kind``                  ``array`` (frozen), ``parameter`` or
+                          ``parameter_value``
+``label``                 the parameter's label (not for ``array``)
+========================  ===================================================
+
+safetensors holds raw little-endian numbers and a JSON header, nothing
+executable, so reading a file never runs code (unlike pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from penzai import pz
+
+from named_embed.formats._atomic import replacing
+from named_embed.formats._common import (
+  VocabularyLike,
+  available,
+  build_table,
+  host_rows,
+)
+from named_embed.table import EmbeddingTable
+from named_embed.vocabulary import SPECIAL_ROLES, Vocabulary
+
+FORMAT_VERSION = "1"
+TENSOR_KEY = "embeddings"
+_KINDS = ("array", "parameter", "parameter_value")
+
+
+def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
+  """Writes ``table`` to one safetensors file, atomically.
+
+  Kept: the values bit for bit (any floating dtype), the axis names and
+  their order, the padding index, the vocabulary with its roles, and
+  whether the table was frozen or trainable (with the parameter's label).
+  Not kept: `pz.Parameter` metadata. The file is written next to ``path``
+  under a temporary name and renamed over it when complete, so an
+  interrupted save leaves the previous file (or none), never half a file.
+
+  Args:
+    table: A table whose embeddings are bound (not a `pz.ParameterSlot`).
+    path: Destination, conventionally ending in ``.safetensors``.
+
+  Raises:
+    TypeError: if ``table`` is not an `EmbeddingTable`.
+    ValueError: if the table's embeddings are unbound.
+
+  Example:
+
+  >>> import os, tempfile, numpy as np, named_embed as ne
+  >>> from named_embed import formats
+  >>> table = ne.EmbeddingTable.from_pretrained(
+  ...     np.arange(6, dtype=np.float32).reshape(3, 2)
+  ... ).with_vocabulary(ne.Vocabulary(["<pad>", "a", "b"], pad="<pad>"))
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   path = os.path.join(tmp, "table.safetensors")
+  ...   formats.save(table, path)
+  ...   loaded = formats.load(path)
+  >>> loaded.padding_index, loaded.vocabulary.tokens, loaded.embedding_axes
+  (0, ('<pad>', 'a', 'b'), {'embedding': 2})
+  """
+  from safetensors.numpy import save_file
+
+  if not isinstance(table, EmbeddingTable):
+    raise TypeError(
+      f"save() writes an EmbeddingTable; got {type(table).__name__}."
+    )
+  rows = host_rows(table)
+  metadata = _table_metadata(table)
+  with replacing(path) as temp:
+    save_file({TENSOR_KEY: rows}, temp, metadata=metadata)
+
+
+def load(
+  path: str | os.PathLike[str], *, freeze: bool | None = None
+) -> EmbeddingTable:
+  """Reads a table written by `save`.
+
+  Args:
+    path: The file.
+    freeze: None restores the table as saved (frozen, or trainable with
+      its parameter label); True gives a frozen table; False a trainable
+      one (a `pz.Parameter` with the saved label, or
+      ``"embeddings.embeddings"`` if the table was saved frozen).
+
+  Returns:
+    The table, with its vocabulary if it had one.
+
+  Raises:
+    FileNotFoundError: if ``path`` does not exist.
+    ValueError: for a corrupt or truncated file, a safetensors file that
+      `save` did not write (use `from_safetensors` for those), or metadata
+      that does not match the tensor.
+
+  Example:
+
+  >>> import os, tempfile, numpy as np, named_embed as ne
+  >>> from named_embed import formats
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float16),
+  ...                                           freeze=False, name="tok")
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   formats.save(table, os.path.join(tmp, "t.safetensors"))
+  ...   loaded = formats.load(os.path.join(tmp, "t.safetensors"))
+  >>> loaded.dtype, loaded.frozen, loaded.embeddings.label
+  (dtype('float16'), False, 'tok.embeddings')
+  """
+  path = os.fspath(path)
+  rows, metadata = _read_tensor(path, TENSOR_KEY, table_file=True)
+  spec = _parse_metadata(metadata, path)
+  table = build_table(
+    rows,
+    source=path,
+    vocabulary=spec["vocabulary"],
+    vocabulary_axis=spec["vocabulary_axis"],
+    embedding_axes=spec["embedding_axes"],
+    padding_index=spec["padding_index"],
+  )
+  kind = spec["kind"]
+  if freeze is not None:
+    kind = "array" if freeze else "parameter"
+  if kind == "array":
+    return table
+  label = spec["label"] or "embeddings.embeddings"
+  holder = pz.Parameter if kind == "parameter" else pz.ParameterValue
+  return dataclasses.replace(
+    table, embeddings=holder(value=table.value, label=label)
+  )
+
+
+def from_safetensors(
+  path: str | os.PathLike[str],
+  key: str,
+  *,
+  vocabulary: VocabularyLike = None,
+  vocabulary_axis: str = "vocabulary",
+  embedding_axes: Sequence[str] | str | None = None,
+  padding_index: int | None = None,
+  freeze: bool = True,
+  name: str = "embeddings",
+) -> EmbeddingTable:
+  """Reads one tensor of a model checkpoint as an `EmbeddingTable`.
+
+  Only the header and the tensor ``key`` are read, so taking the word
+  embeddings of a large checkpoint costs the size of that tensor. Its
+  first axis is the vocabulary.
+
+  Args:
+    path: A ``.safetensors`` file (e.g. a Hugging Face ``model.safetensors``).
+    key: The tensor, e.g. ``"embeddings.word_embeddings.weight"`` (BERT) or
+      ``"model.embed_tokens.weight"`` (Llama).
+    vocabulary: A `Vocabulary`, or a path to a ``vocab.txt`` /
+      ``tokenizer.json`` (read with `Vocabulary.load`, which guesses the
+      pad/unk/bos/eos roles; a pad role sets ``padding_index``), or None.
+    vocabulary_axis: Name of the vocabulary axis.
+    embedding_axes: Names of the other axes (default ``("embedding",)``
+      for a 2-D tensor; required for more dimensions).
+    padding_index: Padding row; negative values count from the end.
+    freeze: Frozen (default) or trainable, as in
+      `EmbeddingTable.from_pretrained`.
+    name: Parameter label prefix when ``freeze=False``.
+
+  Returns:
+    The table, with the vocabulary attached if one was given.
+
+  Raises:
+    FileNotFoundError: if ``path`` (or the vocabulary file) is missing.
+    ValueError: for a corrupt file, a ``key`` the file does not hold (the
+      message lists those it does), or a vocabulary whose length is not
+      the tensor's number of rows.
+    TypeError: for a non-floating tensor.
+
+  Example:
+
+  >>> import os, tempfile, numpy as np
+  >>> from safetensors.numpy import save_file
+  >>> from named_embed import formats
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   path = os.path.join(tmp, "model.safetensors")
+  ...   save_file({"embed.weight": np.ones((3, 4), np.float32),
+  ...              "head.bias": np.zeros(3, np.float32)}, path)
+  ...   with open(os.path.join(tmp, "vocab.txt"), "w") as f:
+  ...     _ = f.write("[PAD]\\nhello\\nworld\\n")
+  ...   table = formats.from_safetensors(
+  ...       path, key="embed.weight", vocabulary=os.path.join(tmp, "vocab.txt"))
+  >>> table.vocab_size, table.padding_index, table.vocabulary.token(1)
+  (3, 0, 'hello')
+  """
+  path = os.fspath(path)
+  rows, _ = _read_tensor(path, key, table_file=False)
+  return build_table(
+    rows,
+    source=f"{path}, tensor {key!r}",
+    vocabulary=vocabulary,
+    vocabulary_axis=vocabulary_axis,
+    embedding_axes=embedding_axes,
+    padding_index=padding_index,
+    freeze=freeze,
+    name=name,
+  )
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _read_tensor(
+  path: str, key: str, *, table_file: bool
+) -> tuple[np.ndarray, dict[str, str]]:
+  """Reads the header and the one tensor ``key``, with clear errors."""
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    with safe_open(path, framework="numpy") as f:
+      metadata = f.metadata() or {}
+      keys = list(f.keys())
+      if table_file:
+        _check_marker(path, metadata, keys)
+      if key not in keys:
+        raise ValueError(_missing_key_message(path, key, keys))
+      return f.get_tensor(key), metadata
+  except SafetensorError as error:
+    raise ValueError(
+      f"{path} is not a valid safetensors file ({error}). It may be"
+      " truncated (an interrupted download or copy) or not a safetensors"
+      " file at all."
+    ) from None
+
+
+def _check_marker(path: str, metadata: dict[str, str], keys: list[str]):
+  version = metadata.get("named_embed")
+  if version is None:
+    raise ValueError(
+      f"{path} is a safetensors file without named_embed metadata (it holds"
+      f" the tensors {available(keys)}), so `save` did not write it. To read"
+      " one tensor of a model checkpoint as a table, use"
+      " `from_safetensors(path, key=..., vocabulary=...)`."
+    )
+  if version != FORMAT_VERSION:
+    raise ValueError(
+      f"{path} uses named_embed file format version {version!r}; this"
+      f" version of named_embed reads version {FORMAT_VERSION!r}. Upgrade"
+      " named_embed to read it."
+    )
+
+
+def _missing_key_message(path: str, key: str, keys: list[str]) -> str:
+  if not keys:
+    return f"{path} holds no tensors, so it has no tensor {key!r}."
+  close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+  hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+  return (
+    f"{path} has no tensor {key!r}.{hint} Its {len(keys)} tensors are:"
+    f" {available(keys)}."
+  )
+
+
+# ----------------------------------------------------------------- metadata
+
+
+def _table_metadata(table: EmbeddingTable) -> dict[str, str]:
+  embeddings = table.embeddings
+  if isinstance(embeddings, pz.Parameter):
+    kind = "parameter"
+  elif isinstance(embeddings, pz.ParameterValue):
+    kind = "parameter_value"
+  else:
+    kind = "array"
+  metadata = {
+    "named_embed": FORMAT_VERSION,
+    "vocabulary_axis": table.vocabulary_axis,
+    "embedding_axes": json.dumps(list(table.embedding_axes)),
+    "padding_index": json.dumps(table.padding_index),
+    "kind": kind,
+  }
+  if kind != "array":
+    metadata["label"] = embeddings.label
+  if table.vocabulary is not None:
+    metadata["vocabulary"] = json.dumps(
+      {
+        "tokens": list(table.vocabulary.tokens),
+        "roles": table.vocabulary.roles,
+      }
+    )
+  return metadata
+
+
+def _parse_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
+  def bad(field: str, why: str) -> ValueError:
+    shown = metadata.get(field)
+    shown = shown if shown is None or len(shown) < 80 else shown[:80] + "..."
+    return ValueError(
+      f"{path}: corrupt named_embed metadata: {field!r} {why}; got {shown!r}."
+    )
+
+  def field_json(field: str, default: Any = None) -> Any:
+    if field not in metadata:
+      return default
+    try:
+      return json.loads(metadata[field])
+    except json.JSONDecodeError:
+      raise bad(field, "is not valid JSON") from None
+
+  spec = {
+    "vocabulary_axis": metadata.get("vocabulary_axis"),
+    "embedding_axes": field_json("embedding_axes"),
+    "padding_index": field_json("padding_index"),
+    "kind": metadata.get("kind", "array"),
+    "label": metadata.get("label"),
+  }
+  if not isinstance(spec["vocabulary_axis"], str):
+    raise bad("vocabulary_axis", "must be an axis name")
+  axes = spec["embedding_axes"]
+  if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
+    raise bad("embedding_axes", "must be a JSON list of axis names")
+  padding = spec["padding_index"]
+  if padding is not None and (type(padding) is not int):
+    raise bad("padding_index", "must be a JSON integer or null")
+  if spec["kind"] not in _KINDS:
+    raise bad("kind", f"must be one of {_KINDS}")
+  spec["vocabulary"] = _parse_vocabulary(field_json("vocabulary"), bad)
+  return spec
+
+
+def _parse_vocabulary(spec: Any, bad) -> Vocabulary | None:
+  if spec is None:
+    return None
+  tokens = spec.get("tokens") if isinstance(spec, dict) else None
+  roles = spec.get("roles", {}) if isinstance(spec, dict) else None
+  if not isinstance(tokens, list) or not isinstance(roles, dict):
+    raise bad("vocabulary", 'must be {"tokens": [...], "roles": {...}}')
+  unknown = sorted(set(roles) - set(SPECIAL_ROLES))
+  if unknown:
+    raise bad("vocabulary", f"has unknown roles {unknown}")
+  try:
+    return Vocabulary(tokens, **roles)
+  except ValueError as error:
+    raise bad("vocabulary", f"is not a valid vocabulary ({error})") from None

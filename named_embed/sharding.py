@@ -1,0 +1,241 @@
+"""Sharding by axis name: map NamedArray axis names to mesh axes.
+
+One mapping, supplied from outside, says where each named axis lives::
+
+  rules = {"vocabulary": "model", "batch": "data"}   # name -> mesh axis
+  sharded = ne.shard(tree, mesh, rules)
+
+Layers stay sharding-agnostic: they emit plain JAX, and JAX's own machinery
+(`NamedSharding`, GSPMD, `jax.shard_map`) partitions it. A lookup on a
+vocabulary-sharded table becomes a masked local gather plus one all-reduce
+of the ``[tokens, embedding]`` rows; a decode computes local logits; the
+fused loss combines per-shard statistics with one small all-reduce and
+chunks within each shard (`named_embed._vocab_parallel`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from penzai import pz
+
+from named_embed.table import EmbeddingTable
+
+Rules = Mapping[str, "str | tuple[str, ...] | None"]
+
+
+def _mesh_axes(entry: Any) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _check_rules(mesh: Mesh, rules: Rules) -> None:
+  if not isinstance(rules, Mapping):
+    raise TypeError(
+      "`rules` must map axis names to mesh axes, e.g."
+      f" {{'vocabulary': 'model'}}; got {type(rules).__name__}."
+    )
+  for name, entry in rules.items():
+    for axis in _mesh_axes(entry):
+      if axis not in mesh.shape:
+        raise ValueError(
+          f"`rules` maps axis {name!r} to mesh axis {axis!r}, which is not"
+          f" one of the mesh's axes {tuple(mesh.axis_names)}."
+        )
+
+
+def partition_spec(
+  array: pz.nx.NamedArrayBase, mesh: Mesh, rules: Rules
+) -> PartitionSpec:
+  """The `PartitionSpec` of ``array``'s data: positional axes unsharded,
+  named axes by ``rules`` (names without a rule are replicated).
+
+  Raises:
+    ValueError: if a mesh axis would be used twice, or does not divide the
+      size of the axis mapped to it (pad the table with
+      `EmbeddingTable.padded_to_multiple`).
+
+  Example:
+
+  >>> import jax, numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> mesh = jax.make_mesh((1,), ("model",))
+  >>> x = pz.nx.wrap(np.zeros((2, 4, 3))).tag_prefix("vocabulary")
+  >>> x.positional_shape  # axis 0 is named, two positional axes remain
+  (4, 3)
+  >>> ne.sharding.partition_spec(x, mesh, {"vocabulary": "model"})
+  P('model', None, None)
+  """
+  _check_rules(mesh, rules)
+  view = array.as_namedarrayview()
+  entries: list[Any] = [None] * view.data_array.ndim
+  used: dict[str, str] = {}
+  for name, dim in view.data_axis_for_name.items():
+    axes = _mesh_axes(rules.get(name))
+    for axis in axes:
+      if axis in used:
+        raise ValueError(
+          f"Mesh axis {axis!r} is mapped to both {used[axis]!r} and"
+          f" {name!r} in {dict(view.named_shape)}."
+        )
+      used[axis] = name
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if view.data_array.shape[dim] % shards:
+      raise ValueError(
+        f"Axis {name!r} of size {view.data_array.shape[dim]} cannot be split"
+        f" over mesh axes {axes} ({shards} devices). Pad it to a multiple,"
+        " e.g. `table.padded_to_multiple("
+        f"{shards})` or `from_config(..., pad_to_multiple={shards})`."
+      )
+    if axes:
+      entries[dim] = axes[0] if len(axes) == 1 else axes
+  return PartitionSpec(*entries)
+
+
+def _place(data: jax.Array, sharding: NamedSharding) -> jax.Array:
+  if isinstance(data, jax.core.Tracer):
+    if AxisType.Explicit in sharding.mesh.axis_types:
+      return jax.sharding.reshard(data, sharding)
+    return jax.lax.with_sharding_constraint(data, sharding)
+  return jax.device_put(data, sharding)
+
+
+def _shard_named(array, mesh: Mesh, rules: Rules):
+  sharding = NamedSharding(mesh, partition_spec(array, mesh, rules))
+  return dataclasses.replace(
+    array, data_array=_place(array.data_array, sharding)
+  )
+
+
+def _shard_table(table: EmbeddingTable, mesh: Mesh, rules: Rules):
+  embeddings = table.embeddings
+  if isinstance(embeddings, pz.Parameter):
+    embeddings.value = _shard_named(embeddings.value, mesh, rules)
+  elif isinstance(embeddings, pz.ParameterValue):
+    embeddings = dataclasses.replace(
+      embeddings, value=_shard_named(embeddings.value, mesh, rules)
+    )
+  elif isinstance(embeddings, pz.nx.NamedArrayBase):
+    embeddings = _shard_named(embeddings, mesh, rules)
+  else:  # an unbound slot: nothing to place, but remember the layout
+    return table
+  value = table.value
+  order = (table.vocabulary_axis, *table.embedding_axes)
+  spec = partition_spec(value.order_as(*order), mesh, rules)
+  return dataclasses.replace(
+    table, embeddings=embeddings, rows_sharding=NamedSharding(mesh, spec)
+  )
+
+
+def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """Places every NamedArray of ``tree`` on ``mesh`` by its axis names.
+
+  Works on any pytree: a table, a penzai model, NamedArray activations.
+  Outside `jax.jit` it moves data with `jax.device_put`; inside, it adds a
+  sharding constraint (`jax.sharding.reshard` for Explicit mesh axes,
+  `with_sharding_constraint` for Auto ones), so the same call pins
+  activations and gradients by name. Tables also record the sharding of
+  their rows (`EmbeddingTable.rows_sharding`). `pz.Parameter` values are
+  updated in place (they are penzai's mutable variables), which keeps tied
+  parameters tied; everything else is returned new.
+
+  Args:
+    tree: Any pytree holding NamedArrays, tables or penzai variables.
+    mesh: The device mesh.
+    rules: Axis name -> mesh axis name (or a tuple of them, or None).
+
+  Returns:
+    The tree with its arrays placed.
+
+  Example:
+
+  >>> import jax, numpy as np, named_embed as ne
+  >>> mesh = jax.make_mesh((1,), ("model",))
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32))
+  >>> table = ne.shard(table, mesh, {"vocabulary": "model"})
+  >>> table.rows_array().sharding.spec
+  P('model', None)
+  """
+  _check_rules(mesh, rules)
+
+  def visit(node):
+    if isinstance(node, EmbeddingTable):
+      return _shard_table(node, mesh, rules)
+    if isinstance(node, pz.nx.NamedArrayBase):
+      return _shard_named(node, mesh, rules)
+    if isinstance(node, pz.Parameter | pz.StateVariable):
+      if isinstance(node.value, pz.nx.NamedArrayBase):
+        node.value = _shard_named(node.value, mesh, rules)
+      return node
+    return node
+
+  def is_leaf(node):
+    return isinstance(
+      node,
+      EmbeddingTable | pz.nx.NamedArrayBase | pz.Parameter | pz.StateVariable,
+    )
+
+  return jax.tree.map(visit, tree, is_leaf=is_leaf)
+
+
+def sharded_init(
+  build: Callable[..., EmbeddingTable],
+  mesh: Mesh,
+  rules: Rules,
+  /,
+  **kwargs: Any,
+) -> EmbeddingTable:
+  """Builds a table directly in its sharded layout.
+
+  The initialiser runs under `jax.jit` with output shardings derived from
+  the axis names, so each device computes only its own rows: the full
+  table never exists on one device.
+
+  Args:
+    build: A table builder, e.g. `EmbeddingTable.from_config`.
+    mesh: The device mesh.
+    rules: Axis name -> mesh axis.
+    **kwargs: Arguments of ``build`` (the random key among them).
+
+  Returns:
+    The table, with the same kind of ``embeddings`` ``build`` returns.
+
+  Example:
+
+  >>> import jax, named_embed as ne
+  >>> mesh = jax.make_mesh((1,), ("model",))
+  >>> table = ne.sharded_init(
+  ...     ne.EmbeddingTable.from_config, mesh, {"vocabulary": "model"},
+  ...     name="e", init_base_rng=jax.random.key(0), vocab_size=8,
+  ...     embedding_axes={"embedding": 4})
+  >>> table.rows_array().sharding.spec, table.embeddings.label
+  (P('model', None), 'e.embeddings')
+  """
+
+  captured = {}
+
+  def initial_value():
+    table = build(**kwargs)
+    captured["table"] = table  # its statics; its traced value stays inside
+    return table.value
+
+  abstract = jax.eval_shape(initial_value)
+  sharding = NamedSharding(mesh, partition_spec(abstract, mesh, rules))
+  out_shardings = jax.tree.map(lambda _: sharding, abstract)
+  value = jax.jit(initial_value, out_shardings=out_shardings)()
+  template = captured["table"]
+  embeddings = template.embeddings
+  if isinstance(embeddings, pz.Parameter | pz.ParameterValue):
+    embeddings = type(embeddings)(
+      value=value, label=embeddings.label, metadata=embeddings.metadata
+    )
+  else:
+    embeddings = value
+  table = dataclasses.replace(template, embeddings=embeddings)
+  return shard(table, mesh, rules)

@@ -1,0 +1,336 @@
+"""Tests for named_embed.inspection against numpy references."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import treescope
+from penzai import pz
+
+import named_embed as ne
+from named_embed import inspection
+
+WORDS = [f"w{i}" for i in range(20)]
+
+
+def make_table(padding_index=None, vocabulary=True, axes=None, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (len(WORDS), *(axes or {"embedding": 6}).values())
+  table = ne.EmbeddingTable.from_pretrained(
+    rng.normal(size=shape).astype(np.float32),
+    embedding_axes=tuple(axes or {"embedding": 6}),
+    padding_index=padding_index,
+  )
+  return table.with_vocabulary(ne.Vocabulary(WORDS)) if vocabulary else table
+
+
+def flat_rows(table):
+  return np.asarray(table.rows_array(), np.float64).reshape(len(WORDS), -1)
+
+
+def ref_scores(rows, query, metric):
+  """Similarities (cosine, dot) or distances (euclidean), float64."""
+  if metric == "dot":
+    return rows @ query
+  if metric == "euclidean":
+    return np.linalg.norm(rows - query, axis=1)
+  unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  return unit @ (query / np.linalg.norm(query))
+
+
+def ref_nearest(rows, query, metric, k, excluded=()):
+  scores = ref_scores(rows, query, metric)
+  order = scores if metric == "euclidean" else -scores
+  order = np.where(np.isin(np.arange(len(rows)), excluded), np.inf, order)
+  ids = np.argsort(order, kind="stable")[:k]
+  return ids, scores[ids]
+
+
+def unwrap(named, *order):
+  return np.asarray(named.order_as(*order).data_array)
+
+
+# ---------------------------------------------------------------- nearest
+
+
+@pytest.mark.parametrize("metric", inspection.METRICS)
+def test_token_query_matches_numpy(metric, run):
+  table = make_table()
+  ids, scores = run(lambda t: t.nearest("w3", k=5, metric=metric), table)
+  assert ids.named_shape == {"neighbor": 5}
+  assert ids.dtype == jnp.int32 and scores.dtype == jnp.float32
+  rows = flat_rows(table)
+  want_ids, want_scores = ref_nearest(rows, rows[3], metric, 5, excluded=[3])
+  np.testing.assert_array_equal(unwrap(ids, "neighbor"), want_ids)
+  np.testing.assert_allclose(unwrap(scores, "neighbor"), want_scores, 1e-5)
+
+
+@pytest.mark.parametrize("metric", inspection.METRICS)
+def test_batched_vector_query_over_two_embedding_axes(metric, run):
+  table = make_table(axes={"heads": 2, "head_dim": 3})
+  rng = np.random.default_rng(1)
+  raw = rng.normal(size=(3, 4, 2, 3)).astype(np.float32)
+  vectors = pz.nx.wrap(raw.transpose(3, 0, 1, 2)).tag(
+    "head_dim", "batch", "other", "heads"
+  )
+  ids, scores = run(
+    lambda t, v: inspection.nearest(t, v, 4, metric), table, vectors
+  )
+  assert ids.named_shape == {"batch": 3, "other": 4, "neighbor": 4}
+  rows = flat_rows(table)
+  queries = unwrap(vectors, "batch", "other", "heads", "head_dim")
+  for b in range(3):
+    for o in range(4):
+      want_ids, want_scores = ref_nearest(
+        rows, queries[b, o].reshape(-1).astype(np.float64), metric, 4
+      )
+      got = unwrap(ids, "batch", "other", "neighbor")[b, o]
+      np.testing.assert_array_equal(got, want_ids)
+      np.testing.assert_allclose(
+        unwrap(scores, "batch", "other", "neighbor")[b, o], want_scores, 1e-5
+      )
+
+
+def test_plain_vector_query_can_return_its_own_row():
+  table = make_table()
+  row = np.asarray(table.rows_array())[7]
+  ids, scores = inspection.nearest(table, row, k=2)
+  assert unwrap(ids, "neighbor")[0] == 7
+  np.testing.assert_allclose(unwrap(scores, "neighbor")[0], 1.0, rtol=1e-6)
+
+
+def test_token_list_and_id_array_queries_exclude_each_query(run):
+  table = make_table()
+  rows = flat_rows(table)
+  ids, _ = table.nearest(["w1", 4, -1], k=3)
+  assert ids.named_shape == {"query": 3, "neighbor": 3}
+  for i, query in enumerate([1, 4, 19]):
+    want, _ = ref_nearest(rows, rows[query], "cosine", 3, excluded=[query])
+    np.testing.assert_array_equal(unwrap(ids, "query", "neighbor")[i], want)
+  id_array = pz.nx.wrap(jnp.array([[2, 5], [-1, 0]], jnp.int32)).tag("a", "b")
+  got, _ = run(lambda t, q: t.nearest(q, k=3, metric="dot"), table, id_array)
+  assert got.named_shape == {"a": 2, "b": 2, "neighbor": 3}
+  for (a, b), query in np.ndenumerate(np.array([[2, 5], [19, 0]])):
+    want, _ = ref_nearest(rows, rows[query], "dot", 3, excluded=[query])
+    np.testing.assert_array_equal(unwrap(got, "a", "b", "neighbor")[a, b], want)
+
+
+def test_exclude_padding_and_full_k():
+  table = make_table(padding_index=2)
+  rows = flat_rows(table)
+  ids, scores = table.nearest("w0", k=25, exclude=["w5", 6])  # 20 rows
+  want, _ = ref_nearest(rows, rows[0], "cosine", 16, excluded=[0, 2, 5, 6])
+  got = unwrap(ids, "neighbor")
+  np.testing.assert_array_equal(got[:16], want)
+  assert sorted(got[16:]) == [0, 2, 5, 6]
+  assert np.all(unwrap(scores, "neighbor")[16:] == -np.inf)
+  _, distances = table.nearest("w0", k=20, metric="euclidean")
+  distances = unwrap(distances, "neighbor")
+  assert np.all(np.diff(distances[:18]) >= 0) and np.all(
+    distances[18:] == np.inf
+  )
+
+
+def test_low_precision_table_scores_in_float32():
+  table = make_table()
+  half = ne.EmbeddingTable.from_pretrained(
+    table.rows_array().astype(jnp.bfloat16)
+  ).with_vocabulary(table.vocabulary)
+  ids, scores = half.nearest("w0", k=3)
+  assert scores.dtype == jnp.float32
+  rows = np.asarray(half.rows_array().astype(jnp.float32), np.float64)
+  want, _ = ref_nearest(rows, rows[0], "cosine", 3, excluded=[0])
+  np.testing.assert_array_equal(unwrap(ids, "neighbor"), want)
+  vector = pz.nx.wrap(jnp.asarray(rows[0], jnp.float32)).tag("embedding")
+  ids, _ = half.nearest(vector, k=1)  # float32 query, bfloat16 table
+  assert unwrap(ids, "neighbor").tolist() == [0]
+  same = half.similarity(vector, "w0")
+  assert same.dtype == jnp.float32
+  np.testing.assert_allclose(float(same), 1.0, rtol=1e-6)
+  ids, _ = half.analogy([vector, "w1"], k=1)
+  assert ids.dtype == jnp.int32
+
+
+def test_jit_compiles_once_for_new_vectors():
+  table = make_table()
+  traces = []
+
+  @jax.jit
+  def search(t, v):
+    traces.append(1)
+    return inspection.nearest(t, v, k=2)
+
+  for seed in range(3):
+    vector = np.random.default_rng(seed).normal(size=6).astype(np.float32)
+    search(table, pz.nx.wrap(vector).tag("embedding"))
+  assert len(traces) == 1
+
+
+def test_query_errors():
+  table = make_table()
+  with pytest.raises(KeyError, match="'nope' is not in the table's vocab"):
+    table.nearest("nope")
+  with_unk = make_table().with_vocabulary(ne.Vocabulary(WORDS, unk="w0"))
+  with pytest.raises(KeyError, match="nope"):
+    with_unk.nearest(["w1", "nope"])
+  with pytest.raises(ValueError, match="has no vocabulary"):
+    make_table(vocabulary=False).nearest("w1")
+  with pytest.raises(IndexError, match="Row 20 is outside"):
+    table.nearest(20)
+  with pytest.raises(IndexError, match=r"Ids must be in \[-20, 20\)"):
+    table.nearest(pz.nx.wrap(jnp.array([0, 30])).tag("batch"))
+  with pytest.raises(ValueError, match="`k` must be a positive int, got 0"):
+    table.nearest("w1", k=0)
+  with pytest.raises(TypeError, match="`k` must be a positive int"):
+    table.nearest("w1", k=2.0)
+  with pytest.raises(ValueError, match="`metric` must be one of"):
+    table.nearest("w1", metric="manhattan")
+  with pytest.raises(ValueError, match="needs the table's embedding axes"):
+    table.nearest(pz.nx.wrap(jnp.ones(5)).tag("embedding"))
+  with pytest.raises(ValueError, match="named axes only"):
+    table.nearest(pz.nx.wrap(jnp.ones((2, 6))).tag_prefix("embedding"))
+  with pytest.raises(ValueError, match=r"\['neighbor'\] cannot be batch"):
+    table.nearest(pz.nx.wrap(jnp.ones((2, 6))).tag("neighbor", "embedding"))
+  with pytest.raises(ValueError, match="shape of one row"):
+    table.nearest(np.ones((2, 6), np.float32))
+  with pytest.raises(TypeError, match="A query must be"):
+    table.nearest([])
+
+
+# ------------------------------------------------------- similarity, analogy
+
+
+@pytest.mark.parametrize("metric", inspection.METRICS)
+def test_similarity_matches_numpy(metric, run):
+  table = make_table()
+  rows = flat_rows(table)
+  got = run(lambda t: t.similarity("w2", 9, metric), table)
+  assert got.named_shape == {}
+  want = ref_scores(rows[9:10], rows[2], metric)[0]
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  pairs = table.similarity(["w1", "w2"], ["w3", "w4"], metric)
+  want = [
+    ref_scores(rows[[b]], rows[a], metric)[0] for a, b in [(1, 3), (2, 4)]
+  ]
+  np.testing.assert_allclose(unwrap(pairs, "query"), want, rtol=1e-5)
+
+
+def test_similarity_broadcasts_batch_axes():
+  table = make_table()
+  rows = flat_rows(table)
+  vectors = pz.nx.wrap(jnp.asarray(rows[:3], jnp.float32)).tag(
+    "batch", "embedding"
+  )
+  got = table.similarity(vectors, ["w5", "w6"])
+  assert dict(got.named_shape) == {"batch": 3, "query": 2}
+  want = [
+    [ref_scores(rows[[q]], rows[b], "cosine")[0] for q in (5, 6)]
+    for b in range(3)
+  ]
+  np.testing.assert_allclose(unwrap(got, "batch", "query"), want, rtol=1e-5)
+
+
+def ref_analogy(rows, positive, negative, k):
+  unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  mean = (unit[positive].sum(0) - unit[negative].sum(0)) / (
+    len(positive) + len(negative)
+  )
+  return ref_nearest(rows, mean, "cosine", k, excluded=positive + negative)
+
+
+def test_analogy_matches_gensim_semantics(run):
+  table = make_table()
+  rows = flat_rows(table)
+  ids, scores = run(lambda t: t.analogy(["w1", "w7"], ["w3"], k=4), table)
+  want_ids, want_scores = ref_analogy(rows, [1, 7], [3], 4)
+  np.testing.assert_array_equal(unwrap(ids, "neighbor"), want_ids)
+  np.testing.assert_allclose(unwrap(scores, "neighbor"), want_scores, 1e-5)
+  ids, _ = inspection.analogy(table, "w4", k=2)
+  np.testing.assert_array_equal(
+    unwrap(ids, "neighbor"), ref_analogy(rows, [4], [], 2)[0]
+  )
+
+
+def test_analogy_with_a_vector_and_errors():
+  table = make_table()
+  rows = flat_rows(table)
+  vector = pz.nx.wrap(jnp.asarray(rows[5] * 3.0, jnp.float32)).tag("embedding")
+  ids, _ = table.analogy([vector, "w2"], k=3)
+  unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  want, _ = ref_nearest(rows, unit[5] + unit[2], "cosine", 3, excluded=[2])
+  np.testing.assert_array_equal(unwrap(ids, "neighbor"), want)
+  with pytest.raises(ValueError, match="at least one"):
+    table.analogy([])
+  with pytest.raises(KeyError, match="'queen'"):
+    table.analogy(["queen"])
+
+
+# ---------------------------------------------------------------- rendering
+
+ADDRESS = re.compile(r"0x[0-9a-f]+")
+
+
+def test_text_rendering_has_the_summary_and_no_addresses():
+  table = make_table(padding_index=0)
+  text = treescope.render_to_text(table)
+  first = text.splitlines()[0]
+  assert first.startswith(
+    "EmbeddingTable(  # vocabulary:20 × embedding:6 float32,"
+    " padding row 0 'w0', row norms min "
+  )
+  norms = np.linalg.norm(flat_rows(table), axis=1)
+  assert f"max {norms.max():.3g}" in first
+  assert "vocabulary=Vocabulary(['w0', 'w1'," in text
+  assert not ADDRESS.search(text)
+  one_line = repr(table)
+  assert one_line.startswith("EmbeddingTable(embeddings=<NamedArray float32(")
+  assert "#" not in one_line and "\n" not in one_line
+
+
+def test_summary_of_unbound_and_traced_tables():
+  slot = ne.EmbeddingTable.from_config(
+    name="embed",
+    init_base_rng=None,
+    vocab_size=4,
+    embedding_axes={"embedding": 2},
+  )
+  assert treescope.render_to_text(slot).splitlines()[0] == (
+    "EmbeddingTable(  # unbound ParameterSlot 'embed.embeddings',"
+    " no padding row"
+  )
+  seen = []
+
+  @jax.jit
+  def render(table):
+    seen.append(ne.summarize(table))
+    return table.value.data_array
+
+  render(make_table(vocabulary=False))
+  assert seen == ["vocabulary:20 × embedding:6 float32, no padding row"]
+
+
+def test_show_writes_a_page_with_token_labels(tmp_path):
+  table = make_table(padding_index=3)
+  path = ne.show(table, tmp_path / "table.html", title="Words <1>")
+  assert path == str((tmp_path / "table.html").resolve())
+  page = (tmp_path / "table.html").read_text(encoding="utf-8")
+  assert "<title>Words &lt;1&gt;</title>" in page
+  assert "padding row 3 &#x27;w3&#x27;" in page
+  for word in ("w0", "w19", "w3 (padding)"):
+    assert f'"{word}"' in page
+  unlabelled = ne.show(make_table(vocabulary=False), tmp_path / "b.html")
+  assert '"id 7"' in pathlib.Path(unlabelled).read_text(encoding="utf-8")
+  trainable = ne.EmbeddingTable.from_config(
+    name="embed",
+    init_base_rng=jax.random.key(0),
+    vocab_size=3,
+    embedding_axes={"heads": 2, "head_dim": 2},
+  )
+  page = ne.show(trainable, tmp_path / "c.html")
+  text = pathlib.Path(page).read_text(encoding="utf-8")
+  assert '"lookup_table": ["id 0", "id 1", "id 2"]' in text

@@ -1,0 +1,302 @@
+"""Tests for `named_embed.formats.safetensors_io`: save, load, from_safetensors.
+
+Files are written by the code under test, or directly with the
+`safetensors` package (model checkpoints), and compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+from conftest import raw
+from penzai import pz
+from safetensors.numpy import save_file
+
+import named_embed as ne
+from named_embed import formats
+
+UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+W = np.arange(12, dtype=np.float32).reshape(4, 3)
+
+
+def bits(array) -> np.ndarray:
+  array = np.asarray(array)
+  return array.view(UINT[array.dtype.itemsize])
+
+
+def special_rows(dtype, shape=(6, 4)) -> np.ndarray:
+  """Random values plus the awkward ones: -0, inf, nan, subnormal, extremes."""
+  rows = np.random.default_rng(0).normal(size=shape).astype(dtype)
+  info = ml_dtypes.finfo(dtype)
+  flat = rows.reshape(-1)
+  flat[:6] = [-0.0, np.inf, -np.inf, np.nan, info.max, info.smallest_normal]
+  flat[6] = np.asarray(info.smallest_subnormal, dtype)
+  return rows
+
+
+def write(tmp_path, table, name="table.safetensors"):
+  path = tmp_path / name
+  formats.save(table, path)
+  return path
+
+
+@pytest.mark.parametrize(
+  "dtype", [np.float32, ml_dtypes.bfloat16, np.float16], ids=str
+)
+def test_round_trip_is_bit_exact(tmp_path, dtype):
+  rows = special_rows(dtype)
+  table = ne.EmbeddingTable.from_pretrained(rows)
+  loaded = formats.load(write(tmp_path, table))
+  assert loaded.dtype == np.dtype(dtype)
+  np.testing.assert_array_equal(bits(loaded.rows_array()), bits(rows))
+  assert loaded.frozen and loaded.vocabulary is None
+  assert loaded.padding_index is None
+  assert loaded.vocabulary_axis == "vocabulary"
+  assert loaded.embedding_axes == {"embedding": 4}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=str)
+def test_multi_axis_round_trip_keeps_names_and_order(tmp_path, dtype):
+  rows = special_rows(dtype, (5, 2, 3))
+  table = ne.EmbeddingTable.from_pretrained(
+    rows, vocabulary_axis="tokens", embedding_axes=("heads", "head_dim")
+  )
+  loaded = formats.load(write(tmp_path, table))
+  assert loaded.vocabulary_axis == "tokens"
+  assert list(loaded.value.named_axes) == ["tokens", "heads", "head_dim"]
+  np.testing.assert_array_equal(bits(loaded.rows_array()), bits(rows))
+
+
+def test_table_stored_in_another_axis_order_is_saved_vocabulary_first(
+  tmp_path,
+):
+  data = np.arange(24, dtype=np.float32).reshape(2, 4, 3)  # heads, vocab, dim
+  named = pz.nx.NamedArray(
+    named_axes=collections.OrderedDict(heads=2, vocabulary=4, dim=3),
+    data_array=jnp.asarray(data),
+  )
+  loaded = formats.load(write(tmp_path, ne.EmbeddingTable(named)))
+  assert loaded.embedding_axes == {"heads": 2, "dim": 3}
+  np.testing.assert_array_equal(
+    np.asarray(loaded.rows_array()), data.transpose(1, 0, 2)
+  )
+
+
+def test_vocabulary_roles_and_padding_index_are_kept(tmp_path):
+  vocab = ne.Vocabulary(
+    ["<pad>", "<unk>", "naïve", "東京", "a b", ""], pad="<pad>", unk="<unk>"
+  )
+  table = ne.EmbeddingTable.from_pretrained(
+    special_rows(np.float32)
+  ).with_vocabulary(vocab)
+  loaded = formats.load(write(tmp_path, table))
+  assert loaded.vocabulary == vocab
+  assert loaded.vocabulary.roles == {"pad": "<pad>", "unk": "<unk>"}
+  assert loaded.padding_index == 0
+
+
+def test_padding_index_without_vocabulary_is_kept(tmp_path):
+  table = ne.EmbeddingTable.from_pretrained(
+    special_rows(np.float16), padding_index=-2
+  )
+  loaded = formats.load(write(tmp_path, table))
+  assert loaded.padding_index == 4 and loaded.vocabulary is None
+
+
+def test_trainable_tables_keep_their_kind_and_label(tmp_path):
+  table = ne.EmbeddingTable.from_config(
+    name="embed",
+    init_base_rng=jax.random.key(0),
+    vocab_size=5,
+    embedding_axes={"embedding": 3},
+  )
+  path = write(tmp_path, table)
+  loaded = formats.load(path)
+  assert isinstance(loaded.embeddings, pz.Parameter)
+  assert loaded.embeddings.label == "embed.embeddings"
+  assert formats.load(path, freeze=True).frozen
+  frozen_path = write(tmp_path, pz.freeze_params(table), "frozen.safetensors")
+  assert isinstance(formats.load(frozen_path).embeddings, pz.ParameterValue)
+  plain = write(tmp_path, ne.EmbeddingTable.from_pretrained(W), "p.st")
+  thawed = formats.load(plain, freeze=False)
+  assert thawed.embeddings.label == "embeddings.embeddings"
+
+
+def test_loaded_table_looks_up_like_the_original(tmp_path):
+  table = ne.EmbeddingTable.from_pretrained(W, padding_index=0)
+  loaded = formats.load(str(write(tmp_path, table)))  # str paths too
+  ids = jnp.array([3, 0, 1])
+  np.testing.assert_array_equal(
+    raw(ne.lookup(loaded, ids), "embedding"), W[[3, 0, 1]]
+  )
+
+
+def test_metadata_is_json_with_a_format_marker(tmp_path):
+  vocab = ne.Vocabulary(["a", "b", "c", "d"], eos="d")
+  table = ne.EmbeddingTable.from_pretrained(W).with_vocabulary(vocab)
+  path = write(tmp_path, table)
+  with safetensors.safe_open(path, framework="numpy") as f:
+    metadata = f.metadata()
+    assert list(f.keys()) == ["embeddings"]
+  assert metadata["named_embed"] == "1"
+  assert json.loads(metadata["embedding_axes"]) == ["embedding"]
+  assert json.loads(metadata["vocabulary"]) == {
+    "tokens": ["a", "b", "c", "d"],
+    "roles": {"eos": "d"},
+  }
+
+
+# ------------------------------------------------------------ atomic writes
+
+
+def listing(tmp_path) -> list[str]:
+  return sorted(os.listdir(tmp_path))
+
+
+def test_save_replaces_an_existing_file(tmp_path):
+  path = write(tmp_path, ne.EmbeddingTable.from_pretrained(W))
+  write(tmp_path, ne.EmbeddingTable.from_pretrained(W + 1))
+  np.testing.assert_array_equal(
+    np.asarray(formats.load(path).rows_array()), W + 1
+  )
+  assert listing(tmp_path) == ["table.safetensors"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_save_gives_normal_permissions_and_keeps_existing_ones(tmp_path):
+  umask = os.umask(0o022)
+  try:
+    path = write(tmp_path, ne.EmbeddingTable.from_pretrained(W))
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+    path.chmod(0o640)
+    write(tmp_path, ne.EmbeddingTable.from_pretrained(W))
+    assert path.stat().st_mode & 0o777 == 0o640
+  finally:
+    os.umask(umask)
+
+
+def failing_save_file(tensors, filename, metadata=None):
+  with open(filename, "wb") as f:
+    f.write(b"\x10\x00\x00\x00 half a file")
+  raise OSError("disk full")
+
+
+def test_failed_save_leaves_the_old_file_and_no_temporary(
+  tmp_path, monkeypatch
+):
+  path = write(tmp_path, ne.EmbeddingTable.from_pretrained(W))
+  before = path.read_bytes()
+  monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
+  with pytest.raises(OSError, match="disk full"):
+    write(tmp_path, ne.EmbeddingTable.from_pretrained(W + 1))
+  assert path.read_bytes() == before
+  assert listing(tmp_path) == ["table.safetensors"]
+
+
+def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
+  with pytest.raises(OSError):
+    write(tmp_path, ne.EmbeddingTable.from_pretrained(W))
+  assert listing(tmp_path) == []
+
+
+def test_save_into_a_missing_directory_says_so(tmp_path):
+  with pytest.raises(FileNotFoundError, match="directory .* does not exist"):
+    formats.save(
+      ne.EmbeddingTable.from_pretrained(W), tmp_path / "no" / "t.safetensors"
+    )
+
+
+def test_save_refuses_other_objects(tmp_path):
+  with pytest.raises(TypeError, match="writes an EmbeddingTable; got ndarray"):
+    formats.save(W, tmp_path / "t.safetensors")
+
+
+# ----------------------------------------------------------- corrupt files
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+  path = write(tmp_path, ne.EmbeddingTable.from_pretrained(W))
+  path.write_bytes(path.read_bytes()[:-7])
+  with pytest.raises(ValueError, match="not a valid safetensors file.*trunc"):
+    formats.load(path)
+
+
+@pytest.mark.parametrize(
+  "content", [b"", b"abc", b"garbage " * 40, b"\xff" * 64], ids=repr
+)
+def test_garbage_is_a_clear_error(tmp_path, content):
+  path = tmp_path / "bad.safetensors"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match="bad.safetensors is not a valid"):
+    formats.load(path)
+  with pytest.raises(ValueError, match="not a valid safetensors file"):
+    formats.from_safetensors(path, key="x")
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    formats.load(tmp_path / "nothing.safetensors")
+
+
+def test_load_of_a_checkpoint_suggests_from_safetensors(tmp_path):
+  path = tmp_path / "model.safetensors"
+  save_file({"wte": W, "lm_head": W}, path)
+  with pytest.raises(
+    ValueError,
+    match=r"without named_embed metadata \(it holds the tensors"
+    r" \['lm_head', 'wte'\]\).*from_safetensors\(path, key=",
+  ):
+    formats.load(path)
+
+
+def with_metadata(tmp_path, rows=W, **changes) -> str:
+  path = write(tmp_path, ne.EmbeddingTable.from_pretrained(W))
+  with safetensors.safe_open(path, framework="numpy") as f:
+    metadata = f.metadata()
+  metadata.update(changes)
+  save_file({"embeddings": rows}, path, metadata=metadata)
+  return path
+
+
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    ({"named_embed": "9"}, "format version '9'.*reads version '1'"),
+    ({"embedding_axes": "[embedding"}, "'embedding_axes' is not valid JSON"),
+    ({"embedding_axes": '"embedding"'}, "must be a JSON list of axis names"),
+    ({"padding_index": "1.5"}, "must be a JSON integer or null"),
+    ({"kind": "pickle"}, "'kind' must be one of"),
+    ({"vocabulary": '{"tokens": "abcd"}'}, '"tokens": \\[...\\]'),
+    ({"vocabulary": '{"tokens": ["a","a","b","c"]}'}, "appears twice"),
+    ({"vocabulary": '{"tokens": ["a"], "roles": {"x": "a"}}'}, "roles"),
+  ],
+)
+def test_corrupt_metadata_is_a_clear_error(tmp_path, changes, message):
+  path = with_metadata(tmp_path, **changes)
+  with pytest.raises(ValueError, match=message):
+    formats.load(path)
+
+
+def test_vocabulary_length_must_match_the_rows(tmp_path):
+  vocab = json.dumps({"tokens": ["a", "b", "c"], "roles": {}})
+  path = with_metadata(tmp_path, vocabulary=vocab)
+  with pytest.raises(
+    ValueError, match="vocabulary has 3 tokens but the table has 4 rows"
+  ):
+    formats.load(path)
+
+
+def test_axis_names_must_match_the_tensor(tmp_path):
+  path = with_metadata(tmp_path, embedding_axes='["a", "b"]')
+  with pytest.raises(ValueError, match="table.safetensors: `embedding_axes`"):
+    formats.load(path)

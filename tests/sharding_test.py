@@ -1,0 +1,82 @@
+"""Tests for `named_embed.sharding`.
+
+The multi-device tests live in tests/multidevice and need 8 CPU devices
+configured before JAX starts, so they run in a subprocess here.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from penzai import pz
+
+import named_embed as ne
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def test_multidevice_suite_passes_on_eight_cpu_devices():
+  env = dict(os.environ, NAMED_EMBED_MULTIDEVICE="1")
+  result = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-x", str(HERE / "multidevice")],
+    cwd=HERE.parent,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+  assert " passed" in result.stdout
+
+
+def test_partition_spec_maps_names_and_keeps_positional_axes_unsharded():
+  mesh = jax.make_mesh((1,), ("model",))
+  x = pz.nx.NamedArray(  # one positional axis in front of two named ones
+    named_axes=collections.OrderedDict(vocabulary=4, embedding=3),
+    data_array=np.zeros((2, 4, 3)),
+  )
+  spec = ne.sharding.partition_spec(x, mesh, {"vocabulary": "model"})
+  assert spec == jax.sharding.PartitionSpec(None, "model", None)
+  view = x.as_namedarrayview()
+  assert ne.sharding.partition_spec(view, mesh, {"embedding": "model"}) == (
+    jax.sharding.PartitionSpec(None, None, "model")
+  )
+
+
+def test_bad_rules_are_named_in_errors():
+  mesh = jax.make_mesh((1,), ("model",))
+  table = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32))
+  with pytest.raises(ValueError, match=r"mesh axis 'tensor', which is not"):
+    ne.shard(table, mesh, {"vocabulary": "tensor"})
+  with pytest.raises(TypeError, match=r"`rules` must map axis names"):
+    ne.shard(table, mesh, [("vocabulary", "model")])
+  both = {"vocabulary": "model", "embedding": "model"}
+  with pytest.raises(ValueError, match=r"'model' is mapped to both"):
+    ne.shard(table, mesh, both)
+
+
+def test_padded_table_semantics_on_one_device():
+  rows = np.arange(10.0, dtype=np.float32).reshape(5, 2)
+  table = ne.EmbeddingTable.from_pretrained(rows).padded_to_multiple(4)
+  assert (table.vocab_size, table.num_rows) == (5, 8)
+  out = ne.lookup(table, np.array([4, 5, 7]), out_of_range="clip")
+  np.testing.assert_array_equal(out.data_array, rows[[4, 4, 4]])
+  with pytest.raises(IndexError, match="outside the vocabulary \\[0, 5\\)"):
+    ne.lookup(table, np.array([6]), out_of_range="error")
+  hidden = pz.nx.wrap(np.ones((1, 2), np.float32)).tag("seq", "embedding")
+  logits = np.asarray(ne.decode(table, hidden).unwrap("seq", "vocabulary"))
+  np.testing.assert_array_equal(logits[0, :5], rows.sum(1))
+  assert np.isneginf(logits[0, 5:]).all()
+  targets = pz.nx.wrap(np.array([3])).tag("seq")
+  loss = ne.decode_cross_entropy(table, hidden, targets)
+  unpadded = ne.EmbeddingTable.from_pretrained(rows)
+  np.testing.assert_allclose(
+    loss, ne.decode_cross_entropy(unpadded, hidden, targets), rtol=1e-6
+  )
