@@ -206,7 +206,8 @@ def local_grads(hidden, table, targets, lse, g, offset, config: LossConfig):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def chunked_cross_entropy(hidden, table, targets, config: LossConfig):
-  """Per-position loss ``[N]`` on one device (see the module docstring).
+  """Per-position loss ``[N]`` on one device (see the module docstring),
+  in the accumulation dtype (float32, or float64 for float64 hidden).
 
   ``targets`` must already be in ``[0, vocab_size)``; positions are not
   masked here.
@@ -219,7 +220,7 @@ def _forward(hidden, table, targets, config):
   stats = local_stats(hidden.astype(acc), table, targets, 0, config)
   lse, t, total = combine_stats(stats, None)
   loss = position_loss(lse, t, total, config)
-  return loss.astype(hidden.dtype), (hidden, table, targets, lse)
+  return loss, (hidden, table, targets, lse)
 
 
 def _bwd(config: LossConfig, residuals, g):

@@ -95,7 +95,7 @@ def _forward(hidden, table, targets, config, plan):
     stats = _chunked_ce.local_stats(h.astype(acc), w, t, offset, config)
     lse, target_logit, total = _chunked_ce.combine_stats(stats, plan.vocab_axis)
     loss = _chunked_ce.position_loss(lse, target_logit, total, config)
-    return loss.astype(h.dtype), lse
+    return loss, lse
 
   specs = (plan.hidden_spec, plan.table_spec, plan.targets_spec)
   token = plan.targets_spec

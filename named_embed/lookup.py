@@ -92,11 +92,14 @@ def lookup(
     dtype: Cast the looked-up rows (never the whole table) to this dtype.
     strategy: ``"gather"`` (default) indexes the rows; ``"one_hot"``
       multiplies a one-hot ``[tokens, V]`` matrix with the table, which
-      turns the backward scatter-add into a matmul. One-hot wins for small
-      vocabularies on TPU (and for sharded tables on some meshes); it costs
-      ``2 * tokens * V * E`` FLOPs, so on CPU and GPU gather is faster
-      (see ``docs/performance.md``). Both give identical values and
-      gradients (a row holding ``inf`` turns into NaN under one-hot).
+      turns the backward scatter-add into a matmul. It costs
+      ``2 * tokens * V * E`` FLOPs: on CPU gather was faster at every
+      vocabulary size measured (256 to 32768 rows; see
+      ``docs/performance.md``); one-hot is the usual choice for small
+      vocabularies on TPU. Values are identical for finite tables (an
+      ``inf`` or NaN entry turns that column into NaN for every token of
+      the call, since ``0 * inf`` is NaN); gradients are equal up to the
+      order of summation.
 
   Returns:
     A `NamedArray` with the token axes (positional ones first, unnamed)

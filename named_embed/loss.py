@@ -100,11 +100,20 @@ def _flatten_inputs(embedding_axes, prefix, targets, where):
           f" axes {batch} of `hidden`."
         )
       where = where.order_as(*order).data_array
+    elif batch:
+      raise TypeError(
+        "`where` must be a NamedArray with the batch axes"
+        f" {batch} of `hidden`: a plain array has no names to align them."
+      )
     where = jnp.asarray(where)
-    if where.dtype != jnp.bool_ or where.size != n:
+    if where.dtype != jnp.bool_ or where.shape != (
+      *prefix.positional_shape,
+      *(batch[name] for name in order),
+    ):
       raise ValueError(
-        f"`where` must be a boolean mask over the batch axes {batch}; got"
-        f" dtype {where.dtype} and shape {where.shape}."
+        f"`where` must be a boolean mask over the batch axes {batch}"
+        f" (positional shape {prefix.positional_shape}); got dtype"
+        f" {where.dtype} and shape {where.shape}."
       )
     mask = where.reshape(n)
   shape = (*prefix.positional_shape, *(batch[name] for name in order))
@@ -255,13 +264,15 @@ def _compiled_loss(
         losses = _vocab_parallel.vocab_parallel_cross_entropy(
           hidden, flat_rows, safe, config, plan
         )
-      return _reduce(losses, valid, mask, reduction)
+      out_dtype = hidden.dtype
+      return _reduce(losses, valid, mask, reduction).astype(out_dtype)
 
   return jax.jit(decode_cross_entropy_kernel)
 
 
 def _reduce(losses, valid, mask, reduction):
-  """NaN where ``valid`` is False, zero where ``mask`` is, then reduce."""
+  """NaN where ``valid`` is False, zero where ``mask`` is, then reduce (in
+  the accumulation dtype: a bf16 mean is rounded once, at the end)."""
   nan = jnp.full((), jnp.nan, losses.dtype)
   zero = jnp.zeros((), losses.dtype)
   if valid is not None:

@@ -355,3 +355,42 @@ def test_compiled_temporary_memory_is_a_sixteenth_of_naive():
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert temp_bytes(ours) * 16 <= temp_bytes(textbook)
+
+
+def test_plain_array_where_needs_names_unless_batch_axes_are_positional():
+  hidden, targets = named()
+  with pytest.raises(TypeError, match="a plain array has no names"):
+    ne.decode_cross_entropy(
+      trainable(), hidden, targets, where=np.ones(T.shape, bool)
+    )
+  flat_hidden = pz.nx.wrap(H.reshape(N, D)).tag("t", "embedding").untag("t")
+  mask = np.arange(N) % 2 == 0
+  value = ne.decode_cross_entropy(
+    trainable(), flat_hidden, T.reshape(N), where=mask
+  )
+  expected = naive(W, H.reshape(1, N, D), T.reshape(1, N), mask=mask[None])
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"got dtype bool and shape \(5,\)"):
+    ne.decode_cross_entropy(
+      trainable(), flat_hidden, T.reshape(N), where=mask[:5]
+    )
+
+
+def test_bfloat16_mean_is_rounded_once():
+  table = ne.EmbeddingTable.from_pretrained(jnp.asarray(W, jnp.bfloat16))
+  hidden, targets = named(h=H.astype(jnp.bfloat16))
+  per_position = ne.decode_cross_entropy(
+    table, hidden, targets, reduction="none"
+  )
+  mean = ne.decode_cross_entropy(table, hidden, targets)
+  # per-position values are bf16-rounded; the mean is computed in float32
+  # from the unrounded values and rounded once
+  f32 = ne.decode_cross_entropy(
+    ne.EmbeddingTable.from_pretrained(
+      jnp.asarray(jnp.asarray(W, jnp.bfloat16), jnp.float32)
+    ),
+    named(h=np.asarray(jnp.asarray(H, jnp.bfloat16), np.float32))[0],
+    targets,
+  )
+  assert per_position.dtype == mean.dtype == jnp.bfloat16
+  assert mean == jnp.asarray(f32, jnp.bfloat16)
