@@ -58,6 +58,20 @@ def raise_if_out_of_range(ids: np.ndarray, vocab_size: int) -> None:
     raise IndexError(message)
 
 
+def needs_runtime_check(ids, vocab_size: int, mask=None) -> bool:
+  """For ``out_of_range="error"``: checks concrete ids now (raising
+  `IndexError`), or returns True when they are traced and the check must
+  run inside the computation. Positions where ``mask`` is False are exempt.
+  """
+  if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
+    return True
+  ids = np.asarray(ids)
+  if mask is not None:
+    ids = np.where(np.asarray(mask), ids, 0)
+  raise_if_out_of_range(ids, vocab_size)
+  return False
+
+
 def _host_check(ids: np.ndarray, *, vocab_size: int) -> np.ndarray:
   raise_if_out_of_range(ids, vocab_size)
   return ids

@@ -7,7 +7,6 @@ import functools
 from typing import Any
 
 import jax
-import numpy as np
 from penzai import pz
 
 from named_embed import _bounds_check, _gather, _named, _norms
@@ -146,15 +145,11 @@ def _lookup(
       token_axes,
       (table.vocabulary_axis, *embedding_axes),
     )
-  runtime_check = False
-  if policy.out_of_range == "error":
-    if isinstance(ids, jax.core.Tracer):
-      runtime_check = True
-    else:
-      _bounds_check.raise_if_out_of_range(
-        np.asarray(ids), table.true_vocab_size or rows_array.shape[0]
-      )
   vocab_size = table.true_vocab_size or rows_array.shape[0]
+  runtime_check = (
+    policy.out_of_range == "error"
+    and _bounds_check.needs_runtime_check(ids, vocab_size)
+  )
   padding_index = resolve_padding_index(table.padding_index, vocab_size)
   policy = _gather.table_policy(
     policy,

@@ -7,7 +7,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from penzai import pz
 
 from named_embed import (
@@ -24,6 +23,7 @@ from named_embed.decode import (
   _decode_options,
   _joint_dtype,
 )
+from named_embed.lookup import _lookup_policy
 from named_embed.table import EmbeddingTable
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -198,25 +198,16 @@ def decode_cross_entropy(
     table = table_or_decode
   soft_cap, _ = _decode_options(soft_cap, None)
   _check_options(chunk_size, label_smoothing, z_loss, reduction)
-  policy = _gather.RowPolicy(out_of_range=out_of_range)
-  if out_of_range not in _gather.OUT_OF_RANGE_POLICIES:
-    raise ValueError(
-      f"`out_of_range` must be one of {_gather.OUT_OF_RANGE_POLICIES}, got"
-      f" {out_of_range!r}."
-    )
+  policy = _lookup_policy(out_of_range)
   rows, embedding_axes = table.rows_and_axes()
   prefix = _check_hidden(table, embedding_axes, hidden, "decode_cross_entropy")
   h, ids, mask, shape, batch = _flatten_inputs(
     embedding_axes, prefix, targets, where
   )
   vocab_size = table.true_vocab_size or rows.shape[0]
-  runtime_check = False
-  if out_of_range == "error":
-    if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
-      runtime_check = True
-    else:
-      checked = ids if mask is None else np.where(np.asarray(mask), ids, 0)
-      _bounds_check.raise_if_out_of_range(np.asarray(checked), vocab_size)
+  runtime_check = out_of_range == "error" and (
+    _bounds_check.needs_runtime_check(ids, vocab_size, mask)
+  )
   policy = _gather.table_policy(policy, None, table.frozen, runtime_check)
   config = _chunked_ce.LossConfig(
     chunk_size=chunk_size or default_chunk_size(h.shape[0], vocab_size),
