@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _norms
+from named_embed import _norms, _table_arrays
 from named_embed._initializers import default_initializer, initialize
 from named_embed._validation import (
   check_embedding_axes,
@@ -102,9 +101,9 @@ class EmbeddingTable(pz.Struct):
         "EmbeddingTable: `vocabulary_axis` must be a non-empty string, got"
         f" {self.vocabulary_axis!r}."
       )
-    value = _value_or_none(self.embeddings)
+    value = _table_arrays.value_or_none(self.embeddings)
     if value is not None and hasattr(value, "named_shape"):
-      _check_table_array(value, self.vocabulary_axis)
+      _table_arrays.check_table_array(value, self.vocabulary_axis)
       vocab_size = value.named_shape[self.vocabulary_axis]
       if self.true_vocab_size is not None:
         check_positive_int("true_vocab_size", self.true_vocab_size)
@@ -120,7 +119,9 @@ class EmbeddingTable(pz.Struct):
         resolve_padding_index(self.padding_index, vocab_size),
       )
       if self.vocabulary is not None:
-        _check_vocabulary(self.vocabulary, vocab_size, self.padding_index)
+        _table_arrays.check_vocabulary(
+          self.vocabulary, vocab_size, self.padding_index
+        )
 
   # ---------------------------------------------------------------- builders
 
@@ -255,7 +256,9 @@ class EmbeddingTable(pz.Struct):
     >>> table.padding_index, table.frozen, table.embedding_axes
     (2, True, {'embedding': 2})
     """
-    value = _as_table_array(embeddings, vocabulary_axis, embedding_axes)
+    value = _table_arrays.as_table_array(
+      embeddings, vocabulary_axis, embedding_axes
+    )
     padding_index = resolve_padding_index(
       padding_index, value.named_shape[vocabulary_axis]
     )
@@ -274,7 +277,7 @@ class EmbeddingTable(pz.Struct):
     ...     ).value.named_shape
     {'vocabulary': 4, 'embedding': 2}
     """
-    value = _value_or_none(self.embeddings)
+    value = _table_arrays.value_or_none(self.embeddings)
     if value is None:
       raise ValueError(
         "EmbeddingTable.embeddings is an unbound"
@@ -414,7 +417,7 @@ class EmbeddingTable(pz.Struct):
     value = pz.nx.wrap(padded, self.vocabulary_axis, *self.embedding_axes)
     return dataclasses.replace(
       self,
-      embeddings=_same_kind(self.embeddings, value),
+      embeddings=_table_arrays.same_kind(self.embeddings, value),
       true_vocab_size=self.vocab_size,
     )
 
@@ -446,7 +449,7 @@ class EmbeddingTable(pz.Struct):
         )
       if padding_index is None:
         padding_index = vocabulary.pad_id
-      _check_vocabulary(vocabulary, self.vocab_size, padding_index)
+      _table_arrays.check_vocabulary(vocabulary, self.vocab_size, padding_index)
     return dataclasses.replace(
       self, vocabulary=vocabulary, padding_index=padding_index
     )
@@ -483,7 +486,7 @@ class EmbeddingTable(pz.Struct):
     new_rows = _norms.renorm_rows(rows, max_norm, norm_type)
     value = pz.nx.wrap(new_rows, self.vocabulary_axis, *self.embedding_axes)
     return dataclasses.replace(
-      self, embeddings=_same_kind(self.embeddings, value)
+      self, embeddings=_table_arrays.same_kind(self.embeddings, value)
     )
 
   # -------------------------------------------------------------- inspection
@@ -560,129 +563,3 @@ class EmbeddingTable(pz.Struct):
     from named_embed import rendering
 
     return rendering.treescope_repr(self, path, subtree_renderer)
-
-
-# ------------------------------------------------------------------- helpers
-
-
-def _same_kind(embeddings: Any, value: pz.nx.NamedArray) -> EmbeddingsLike:
-  """``value`` held the way ``embeddings`` is (Parameter, value or array)."""
-  if isinstance(embeddings, pz.Parameter):
-    return pz.Parameter(
-      value=value, label=embeddings.label, metadata=embeddings.metadata
-    )
-  if isinstance(embeddings, pz.ParameterValue):
-    return pz.ParameterValue(
-      value=value, label=embeddings.label, metadata=embeddings.metadata
-    )
-  return value
-
-
-def _value_or_none(embeddings: Any) -> pz.nx.NamedArrayBase | None:
-  if isinstance(embeddings, pz.nx.NamedArrayBase):
-    return embeddings
-  if isinstance(embeddings, (pz.Parameter, pz.ParameterValue)):
-    return embeddings.value
-  return None
-
-
-def _check_vocabulary(
-  vocabulary: Vocabulary, vocab_size: int, padding_index: int | None
-) -> None:
-  if len(vocabulary) != vocab_size:
-    raise ValueError(
-      f"The vocabulary has {len(vocabulary)} tokens but the table has"
-      f" {vocab_size} rows; they must match one to one."
-    )
-  pad = vocabulary.pad_id
-  if pad is not None and padding_index is not None and pad != padding_index:
-    raise ValueError(
-      f"The vocabulary's pad token {vocabulary.token(pad)!r} is row {pad},"
-      f" but the table's padding_index is {padding_index}."
-    )
-
-
-def _check_table_array(value: pz.nx.NamedArrayBase, vocabulary_axis: str):
-  if value.positional_shape:
-    raise ValueError(
-      "EmbeddingTable.embeddings must have named axes only; got positional"
-      f" axes of shape {value.positional_shape} besides"
-      f" {dict(value.named_shape)}. Name them with `.tag(...)`."
-    )
-  if vocabulary_axis not in value.named_shape:
-    raise ValueError(
-      f"EmbeddingTable.embeddings has axes {dict(value.named_shape)}, which"
-      f" do not include the vocabulary axis {vocabulary_axis!r}."
-    )
-  if len(value.named_shape) < 2:
-    raise ValueError(
-      "EmbeddingTable.embeddings needs at least one embedding axis besides"
-      f" {vocabulary_axis!r}; got axes {dict(value.named_shape)}."
-    )
-  dtype = getattr(value, "dtype", None)
-  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-      f"EmbeddingTable.embeddings must be floating, got dtype {dtype}."
-    )
-
-
-def _as_table_array(
-  embeddings: Any,
-  vocabulary_axis: str,
-  embedding_axes: tuple[str, ...] | list[str] | str | None,
-) -> pz.nx.NamedArray:
-  """Turns ``from_pretrained``'s input into a validated NamedArray."""
-  if isinstance(embedding_axes, str):
-    embedding_axes = (embedding_axes,)
-  if isinstance(embeddings, pz.nx.NamedArrayBase):
-    named = embeddings
-    _check_table_array(named, vocabulary_axis)
-    others = [n for n in named.named_shape if n != vocabulary_axis]
-    if embedding_axes is not None and set(embedding_axes) != set(others):
-      raise ValueError(
-        f"`embedding_axes` {tuple(embedding_axes)} do not match the"
-        f" embedding axes {tuple(others)} of the given NamedArray"
-        f" (axes {dict(named.named_shape)}, vocabulary axis"
-        f" {vocabulary_axis!r})."
-      )
-    order = (vocabulary_axis, *(embedding_axes or others))
-    return named.order_as(*order)
-  if not hasattr(embeddings, "shape"):
-    embeddings = np.asarray(embeddings)
-  shape = tuple(embeddings.shape)
-  if len(shape) < 2:
-    raise ValueError(
-      "`embeddings` must have a vocabulary axis and at least one embedding"
-      f" axis; got an array of shape {shape}. Reshape a 1-D array of V"
-      " scalars to (V, 1)."
-    )
-  if embedding_axes is None:
-    if len(shape) != 2:
-      raise ValueError(
-        f"`embeddings` has shape {shape}: name its {len(shape) - 1}"
-        " embedding axes with `embedding_axes=(...)`."
-      )
-    embedding_axes = ("embedding",)
-  embedding_axes = tuple(embedding_axes)
-  if len(embedding_axes) != len(shape) - 1:
-    raise ValueError(
-      f"`embedding_axes` {embedding_axes} names {len(embedding_axes)} axes,"
-      f" but `embeddings` of shape {shape} has {len(shape) - 1} besides the"
-      " vocabulary axis (axis 0)."
-    )
-  if len(set(embedding_axes)) != len(embedding_axes) or (
-    vocabulary_axis in embedding_axes
-  ):
-    raise ValueError(
-      f"Axis names must be distinct: vocabulary axis {vocabulary_axis!r},"
-      f" embedding axes {embedding_axes}."
-    )
-  check_float_dtype("embeddings", embeddings.dtype)
-  if not isinstance(embeddings, jax.Array):
-    embeddings = jnp.asarray(embeddings)
-  return pz.nx.NamedArray(
-    named_axes=collections.OrderedDict(
-      zip((vocabulary_axis, *embedding_axes), shape)
-    ),
-    data_array=embeddings,
-  )
