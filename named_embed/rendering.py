@@ -141,6 +141,9 @@ def summarize(table: EmbeddingTable, statistics: bool = True) -> str:
     return f"unbound {kind} {label!r}, {padding}"
   shape = " × ".join(f"{n}:{s}" for n, s in value.named_shape.items())
   parts = [f"{shape} {np.dtype(value.dtype).name}", padding]
+  if table.true_vocab_size is not None:
+    extra = value.named_shape[table.vocabulary_axis] - table.true_vocab_size
+    parts.append(f"{table.true_vocab_size} tokens + {extra} padding rows")
   data = getattr(value, "data_array", None)
   concrete = isinstance(data, np.ndarray) or (
     isinstance(data, jax.Array)
@@ -148,7 +151,7 @@ def summarize(table: EmbeddingTable, statistics: bool = True) -> str:
     and not data.is_deleted()
   )
   if statistics and concrete:
-    norms = np.asarray(_norms.row_norms(table.rows_array(), 2.0, 1))
+    norms = np.asarray(_norms.row_norms(table.token_rows(), 2.0, 1))
     parts.append(
       f"row norms min {norms.min():.3g} mean {norms.mean():.3g}"
       f" max {norms.max():.3g}"

@@ -119,6 +119,11 @@ class EmbeddingTable(pz.Struct):
         resolve_padding_index(self.padding_index, vocab_size),
       )
       if self.vocabulary is not None:
+        if not isinstance(self.vocabulary, Vocabulary):
+          raise TypeError(
+            "`vocabulary` must be a named_embed.Vocabulary, got"
+            f" {type(self.vocabulary).__name__}."
+          )
         _table_arrays.check_vocabulary(
           self.vocabulary, vocab_size, self.padding_index
         )
@@ -187,6 +192,8 @@ class EmbeddingTable(pz.Struct):
     dtype = check_float_dtype("dtype", dtype)
     padding_index = resolve_padding_index(padding_index, vocab_size)
     label = f"{name}.embeddings"
+    if pad_to_multiple is not None:
+      check_positive_int("pad_to_multiple", pad_to_multiple)
     if init_base_rng is None:
       true_size = None
       if pad_to_multiple and vocab_size % pad_to_multiple:
@@ -358,6 +365,20 @@ class EmbeddingTable(pz.Struct):
     """
     return self.rows_and_axes()[0]
 
+  def token_rows(self) -> jax.Array:
+    """The ``[vocab_size, *embedding]`` rows of real tokens (padding rows
+    left out; no copy when there are none).
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((5, 2), np.float32))
+    >>> table.padded_to_multiple(4).token_rows().shape
+    (5, 2)
+    """
+    rows = self.rows_array()
+    if self.true_vocab_size is None:
+      return rows
+    return rows[: self.true_vocab_size]
+
   def rows_and_axes(self) -> tuple[jax.Array, dict[str, int]]:
     """`rows_array` and `embedding_axes` together, reading the value once.
 
@@ -369,6 +390,12 @@ class EmbeddingTable(pz.Struct):
     """
     value = self.value
     vocabulary_axis = self.vocabulary_axis
+    true_size = self.true_vocab_size
+    if true_size is not None and true_size > value.named_shape[vocabulary_axis]:
+      raise ValueError(
+        f"EmbeddingTable.true_vocab_size {true_size} exceeds the"
+        f" {value.named_shape[vocabulary_axis]} rows bound to it."
+      )
     if isinstance(value, pz.nx.NamedArray):
       named_axes = value.named_axes
       if next(iter(named_axes)) == vocabulary_axis:

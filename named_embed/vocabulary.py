@@ -84,7 +84,9 @@ class Vocabulary:
         )
     self._tokens = tokens
     self._ids = ids
-    self._roles = tuple(sorted((r, t) for r, t in roles.items() if t))
+    self._roles = tuple(
+      sorted((r, t) for r, t in roles.items() if t is not None)
+    )
     self._hash = hash((tokens, self._roles))
 
   # ------------------------------------------------------------- look-ups

@@ -80,3 +80,49 @@ def test_padded_table_semantics_on_one_device():
   np.testing.assert_allclose(
     loss, ne.decode_cross_entropy(unpadded, hidden, targets), rtol=1e-6
   )
+
+
+def test_padded_tables_keep_padding_out_of_files_queries_and_summaries(
+  tmp_path,
+):
+  rows = np.array([[1, 0], [0.9, 0.1], [-1, 0]], np.float32)
+  vocab = ne.Vocabulary(["a", "b", "c"])
+  table = ne.EmbeddingTable.from_pretrained(rows).with_vocabulary(vocab)
+  table = table.padded_to_multiple(4)
+  ids, _ = table.nearest("a", k=2)
+  assert 3 not in np.asarray(ids.data_array).tolist()
+  ne.save(table, tmp_path / "t.safetensors")
+  loaded = ne.load(tmp_path / "t.safetensors")
+  assert (loaded.vocab_size, loaded.num_rows) == (3, 4)
+  assert loaded.vocabulary == vocab
+  np.testing.assert_array_equal(loaded.rows_array(), table.rows_array())
+  ne.save_word2vec(table, tmp_path / "w.txt")
+  assert ne.load_word2vec(tmp_path / "w.txt").vocab_size == 3
+  assert ne.to_torch_weight(table).shape == (3, 2)
+  assert ne.to_flax(table)["params"]["embedding"].shape == (3, 2)
+  assert "3 tokens + 1 padding rows" in ne.summarize(table)
+
+
+def test_true_vocab_size_is_checked_against_bound_rows():
+  slot = ne.EmbeddingTable.from_config(
+    name="e",
+    init_base_rng=None,
+    vocab_size=5,
+    embedding_axes={"embedding": 2},
+    pad_to_multiple=4,
+  )
+  value = pz.ParameterValue(
+    value=pz.nx.wrap(np.ones((3, 2), np.float32), "vocabulary", "embedding"),
+    label="e.embeddings",
+  )
+  bound = pz.bind_variables(slot, [value])
+  with pytest.raises(ValueError, match=r"true_vocab_size 5 exceeds the 3"):
+    ne.lookup(bound, np.array([4]))
+  with pytest.raises(ValueError, match=r"`pad_to_multiple` must be a positive"):
+    ne.EmbeddingTable.from_config(
+      name="e",
+      init_base_rng=None,
+      vocab_size=5,
+      embedding_axes={"embedding": 2},
+      pad_to_multiple=0,
+    )

@@ -82,7 +82,8 @@ def host_rows(table: EmbeddingTable) -> np.ndarray:
 
 
 def flat_host_rows(table: EmbeddingTable, target: str) -> np.ndarray:
-  """`host_rows` of a table with one embedding axis; refuses the others.
+  """The token rows (padding rows left out) of a table with one embedding
+  axis, on the host; refuses the others.
 
   ``target`` names the format in the error message (e.g. ``"word2vec"``).
   Flattening silently would lose the axis structure, so the caller is told
@@ -97,7 +98,7 @@ def flat_host_rows(table: EmbeddingTable, target: str) -> np.ndarray:
   ValueError: word2vec holds one vector of numbers per row, but this table has 2 embedding axes {'a': 3, 'b': 4}. Flatten them first if that is what you want: ne.EmbeddingTable.from_pretrained(table.rows_array().reshape(table.vocab_size, -1), padding_index=table.padding_index).with_vocabulary(table.vocabulary).
   """
   check_one_axis(table, target)
-  return host_rows(table)
+  return np.ascontiguousarray(np.asarray(table.token_rows()))
 
 
 def check_one_axis(table: EmbeddingTable, target: str) -> None:

@@ -141,7 +141,7 @@ def to_flax(table: EmbeddingTable) -> dict[str, dict[str, jax.Array]]:
   (5, 3)
   """
   check_one_axis(table, "flax's Embed")
-  return {"params": {"embedding": table.rows_array()}}
+  return {"params": {"embedding": table.token_rows()}}
 
 
 # -------------------------------------------------------------------- torch
@@ -342,4 +342,4 @@ def to_brainstate_weight(table: EmbeddingTable) -> jax.Array:
   >>> formats.to_brainstate_weight(table).shape
   (6, 2, 3)
   """
-  return table.rows_array()
+  return table.token_rows()

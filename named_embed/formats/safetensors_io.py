@@ -127,14 +127,24 @@ def load(
   path = os.fspath(path)
   rows, metadata = _read_tensor(path, TENSOR_KEY, table_file=True)
   spec = _parse_metadata(metadata, path)
+  padded = spec["true_vocab_size"] is not None
   table = build_table(
     rows,
     source=path,
-    vocabulary=spec["vocabulary"],
+    vocabulary=None if padded else spec["vocabulary"],
     vocabulary_axis=spec["vocabulary_axis"],
     embedding_axes=spec["embedding_axes"],
-    padding_index=spec["padding_index"],
+    padding_index=None if padded else spec["padding_index"],
   )
+  if padded:  # padding rows at the end: the vocabulary covers the rest
+    try:
+      table = dataclasses.replace(
+        table,
+        true_vocab_size=spec["true_vocab_size"],
+        padding_index=spec["padding_index"],
+      ).with_vocabulary(spec["vocabulary"])
+    except ValueError as error:
+      raise ValueError(f"{path}: {error}") from None
   kind = spec["kind"]
   if freeze is not None:
     kind = "array" if freeze else "parameter"
@@ -289,6 +299,7 @@ def _table_metadata(table: EmbeddingTable) -> dict[str, str]:
     "vocabulary_axis": table.vocabulary_axis,
     "embedding_axes": json.dumps(list(table.embedding_axes)),
     "padding_index": json.dumps(table.padding_index),
+    "true_vocab_size": json.dumps(table.true_vocab_size),
     "kind": kind,
   }
   if kind != "array":
@@ -323,6 +334,7 @@ def _parse_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
     "vocabulary_axis": metadata.get("vocabulary_axis"),
     "embedding_axes": field_json("embedding_axes"),
     "padding_index": field_json("padding_index"),
+    "true_vocab_size": field_json("true_vocab_size"),
     "kind": metadata.get("kind", "array"),
     "label": metadata.get("label"),
   }
@@ -334,6 +346,9 @@ def _parse_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
   padding = spec["padding_index"]
   if padding is not None and (type(padding) is not int):
     raise bad("padding_index", "must be a JSON integer or null")
+  true_size = spec["true_vocab_size"]
+  if true_size is not None and (type(true_size) is not int or true_size < 1):
+    raise bad("true_vocab_size", "must be a positive JSON integer or null")
   if spec["kind"] not in _KINDS:
     raise bad("kind", f"must be one of {_KINDS}")
   spec["vocabulary"] = _parse_vocabulary(field_json("vocabulary"), bad)
