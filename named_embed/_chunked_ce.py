@@ -147,7 +147,7 @@ def combine_stats(stats, axis_name: str | None):
   sums: three ``[N]`` vectors, whatever the vocabulary size.
   """
   m, s, t, total = stats
-  if axis_name is None:
+  if not axis_name:
     return m + jnp.log(s), t, total
   m_all = lax.pmax(lax.stop_gradient(m), axis_name)
   s = s * jnp.exp(m - m_all)

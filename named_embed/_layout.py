@@ -48,7 +48,20 @@ def gather_sharding(table: jax.Array, ids: jax.Array) -> NamedSharding | None:
   mesh = jax.typeof(table if table_spec is not None else ids).sharding.mesh
   ids_spec = ids_spec or PartitionSpec(*([None] * ids.ndim))
   table_spec = table_spec or PartitionSpec(*([None] * table.ndim))
-  return NamedSharding(mesh, PartitionSpec(*ids_spec, *table_spec[1:]))
+  used = {a for entry in ids_spec for a in _axes(entry)}
+  # A mesh axis can shard one output dimension only: an embedding dimension
+  # sharded over an axis the tokens already use (FSDP + data parallelism)
+  # comes out replicated over it.
+  embedding = [
+    None if used & set(_axes(entry)) else entry for entry in table_spec[1:]
+  ]
+  return NamedSharding(mesh, PartitionSpec(*ids_spec, *embedding))
+
+
+def _axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def pin_rows(table: jax.Array, rows_sharding: NamedSharding | None):

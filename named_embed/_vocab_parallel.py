@@ -41,7 +41,9 @@ class ShardPlan:
 
   Attributes:
     mesh: The (abstract or concrete) mesh.
-    vocab_axis: Mesh axis (or axes) sharding the table's rows.
+    vocab_axis: Mesh axis (or axes) sharding the table's rows; None for a
+      replicated table with the tokens split over Explicit axes (each
+      device then reduces its table gradient over the token axes once).
     hidden_spec: Spec of ``hidden [N, E]``.
     table_spec: Spec of ``table [R, E]``.
     targets_spec: Spec of ``targets [N]``.
@@ -51,7 +53,7 @@ class ShardPlan:
   """
 
   mesh: object
-  vocab_axis: str | tuple[str, ...]
+  vocab_axis: str | tuple[str, ...] | None
   hidden_spec: PartitionSpec
   table_spec: PartitionSpec
   targets_spec: PartitionSpec
@@ -76,6 +78,8 @@ def _shard_map(body, plan: ShardPlan, in_specs, out_specs):
 
 
 def _offset(plan: ShardPlan, local_rows: int):
+  if plan.vocab_axis is None:  # replicated table, tokens split: data parallel
+    return 0
   return lax.axis_index(plan.vocab_axis) * local_rows
 
 
@@ -114,7 +118,8 @@ def _bwd(config, plan, residuals, g):
     d_hidden, d_table = _chunked_ce.local_grads(
       h.astype(acc), w, t, lse, g.astype(acc), offset, config
     )
-    d_hidden = lax.psum(d_hidden, plan.vocab_axis)
+    if plan.vocab_axis is not None:
+      d_hidden = lax.psum(d_hidden, plan.vocab_axis)
     if plan.token_axes:
       d_table = lax.psum(d_table, plan.token_axes)
     return d_hidden.astype(h.dtype), d_table
@@ -150,10 +155,10 @@ def plan_for(hidden, table, targets, table_sharding) -> ShardPlan | None:
 
   table_spec = _layout.explicit_spec(table)
   if table_spec is not None:
-    if table_spec[0] is None:
-      return None
     hidden_spec = _layout.explicit_spec(hidden) or PartitionSpec(None, None)
     targets_spec = _layout.explicit_spec(targets) or PartitionSpec(None)
+    if table_spec[0] is None and targets_spec[0] is None:
+      return None  # nothing split: the one-device kernel
     _check_embedding_unsharded(hidden_spec, table_spec)
     mesh = jax.typeof(table).sharding.mesh
     return ShardPlan(

@@ -264,3 +264,48 @@ def test_shard_constrains_activations_inside_jit(kind):
   with jax.set_mesh(mesh):  # Explicit axes: jit must know the mesh
     out = f(x)
   assert out.sharding.spec == jax.sharding.PartitionSpec("data", "model")
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_replicated_table_with_data_parallel_tokens(kind):
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(TYPES[kind],) * 2)
+  rules = {"batch": ("data", "model")}
+  w = np.random.default_rng(5).normal(size=(13, D)).astype(np.float32)
+  table = pz.freeze_params(ne.EmbeddingTable.from_pretrained(w, freeze=False))
+  table = ne.shard(table, mesh, rules)
+  ids = np.random.default_rng(6).integers(0, 13, size=(8, 3))
+  tokens = ne.shard(pz.nx.wrap(ids).tag("batch", "seq"), mesh, rules)
+  targets = ne.shard(
+    pz.nx.wrap(np.roll(ids, 1)).tag("batch", "seq"), mesh, rules
+  )
+
+  def loss(table):
+    hidden = ne.lookup(table, tokens)
+    return ne.decode_cross_entropy(table, hidden, targets, chunk_size=4)
+
+  value, grad = jax.jit(jax.value_and_grad(loss))(table)
+  mask = np.ones(ids.shape, bool)
+  np.testing.assert_allclose(
+    value, dense_loss(w, w[ids], np.roll(ids, 1), mask), rtol=1e-5
+  )
+
+  def reference(w):
+    z = w[ids] @ w.T
+    picked = jnp.take_along_axis(z, np.roll(ids, 1)[..., None], -1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(z, -1) - picked)
+
+  np.testing.assert_allclose(
+    grad.rows_array(), jax.grad(reference)(jnp.asarray(w)), rtol=1e-4, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_lookup_with_embedding_and_tokens_on_the_same_mesh_axis(kind):
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(TYPES[kind],) * 2)
+  rules = {"embedding": "data", "batch": "data"}  # FSDP-style table
+  w = np.arange(16.0 * D, dtype=np.float32).reshape(16, D)
+  table = ne.shard(ne.EmbeddingTable.from_pretrained(w), mesh, rules)
+  ids = np.arange(6).reshape(2, 3)
+  tokens = ne.shard(pz.nx.wrap(ids).tag("batch", "seq"), mesh, rules)
+  out = jax.jit(lambda t, i: ne.lookup(t, i).data_array)(table, tokens)
+  np.testing.assert_array_equal(out, w[ids])
