@@ -120,9 +120,6 @@ def _scale_gradient_bwd(weight, g):
 _scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
-_BITS = {2: jnp.uint16}
-
-
 @jax.custom_vjp
 def _fill_nan(rows: jax.Array, keep: jax.Array) -> jax.Array:
   """``rows`` where ``keep``, else NaN; the cotangent of dropped rows is 0.
@@ -133,7 +130,7 @@ def _fill_nan(rows: jax.Array, keep: jax.Array) -> jax.Array:
   """
   if jnp.dtype(rows.dtype).itemsize != 2:
     return jnp.where(keep, rows, jnp.full((), jnp.nan, rows.dtype))
-  bits = _BITS[2]
+  bits = jnp.uint16
   raw = jax.lax.bitcast_convert_type(rows, bits)
   nan = jax.lax.bitcast_convert_type(jnp.full((), jnp.nan, rows.dtype), bits)
   return jax.lax.bitcast_convert_type(jnp.where(keep, raw, nan), rows.dtype)
@@ -184,8 +181,12 @@ def _gradient_weight(
   if policy.scale_grad_by_freq:
     ones = jnp.ones((), jnp.int32) if valid is None else valid.astype(jnp.int32)
     ones = jnp.broadcast_to(ones, safe.shape)
-    counts = jnp.zeros((vocab_size,), jnp.int32).at[safe].add(ones)
-    weight = 1.0 / counts[safe].astype(jnp.float32)
+    counts = jnp.zeros((vocab_size,), jnp.int32).at[safe].add(ones)[safe]
+    # Ids dropped by "fill" may read a row nobody counted: weight 0, not
+    # 1/0 (their cotangent is already 0, and 0 * inf would be NaN).
+    weight = jnp.where(
+      counts > 0, 1.0 / jnp.maximum(counts, 1).astype(jnp.float32), 0.0
+    )
   if policy.padding_index is not None:
     keep = safe != policy.padding_index
     if weight is None:
@@ -213,8 +214,8 @@ def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
   vocab_size = policy.vocab_size or num_rows
   if policy.frozen:
     table = jax.lax.stop_gradient(table)
-  sharded = policy.rows_sharding is not None or _layout.spans_devices(
-    table, ids
+  sharded = _layout.spans_devices(table, ids) or _layout.splits(
+    policy.rows_sharding
   )
   table = _layout.pin_rows(table, policy.rows_sharding)
   safe, valid = safe_ids(ids, vocab_size, policy, sharded)
@@ -250,8 +251,9 @@ def compiled_gather(policy: RowPolicy, scope: str):
   """`gather_rows` under ``policy``, jitted once per policy.
 
   Inlined under an outer `jax.jit`; a cached executable when called eagerly.
-  The policy is closed over rather than passed as a static argument, so an
-  eager call pays for no hashing of it: only two arrays cross the boundary.
+  The policy is closed over rather than passed to `jax.jit` as a static
+  argument: the jitted call sees only two arrays (the policy is hashed once,
+  by this cache).
   """
 
   def gather_rows_kernel(table, ids):

@@ -26,12 +26,24 @@ def explicit_spec(x: jax.Array) -> PartitionSpec | None:
 
 
 def spans_devices(*arrays: jax.Array) -> bool:
-  """Whether any of ``arrays`` is sharded over Explicit mesh axes."""
+  """Whether any of ``arrays`` is split over several devices along Explicit
+  mesh axes."""
   for x in arrays:
     spec = explicit_spec(x)
-    if spec is not None and any(entry is not None for entry in spec):
+    if spec is None or jax.typeof(x).sharding.mesh.size <= 1:
+      continue
+    if any(entry is not None for entry in spec):
       return True
   return False
+
+
+def splits(sharding: NamedSharding | None) -> bool:
+  """Whether a recorded sharding really splits an array over devices."""
+  return (
+    sharding is not None
+    and sharding.mesh.size > 1
+    and any(entry is not None for entry in sharding.spec)
+  )
 
 
 def gather_sharding(table: jax.Array, ids: jax.Array) -> NamedSharding | None:
@@ -48,20 +60,21 @@ def gather_sharding(table: jax.Array, ids: jax.Array) -> NamedSharding | None:
   mesh = jax.typeof(table if table_spec is not None else ids).sharding.mesh
   ids_spec = ids_spec or PartitionSpec(*([None] * ids.ndim))
   table_spec = table_spec or PartitionSpec(*([None] * table.ndim))
-  used = {a for entry in ids_spec for a in _axes(entry)}
+  used = {a for entry in ids_spec for a in mesh_axes(entry)}
   # A mesh axis can shard one output dimension only: an embedding dimension
   # sharded over an axis the tokens already use (FSDP + data parallelism)
   # comes out replicated over it.
   embedding = [
-    None if used & set(_axes(entry)) else entry for entry in table_spec[1:]
+    None if used & set(mesh_axes(entry)) else entry for entry in table_spec[1:]
   ]
   return NamedSharding(mesh, PartitionSpec(*ids_spec, *embedding))
 
 
-def _axes(entry) -> tuple[str, ...]:
+def mesh_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one `PartitionSpec` entry (None, a name, or several)."""
   if entry is None:
     return ()
-  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
 def pin_rows(table: jax.Array, rows_sharding: NamedSharding | None):

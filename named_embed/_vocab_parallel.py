@@ -32,7 +32,7 @@ import jax
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from named_embed import _chunked_ce, _norms
+from named_embed import _chunked_ce, _layout, _norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +135,6 @@ def _bwd(config, plan, residuals, g):
 vocab_parallel_cross_entropy.defvjp(_forward, _bwd)
 
 
-def _axes_of(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
 def plan_for(hidden, table, targets, table_sharding) -> ShardPlan | None:
   """A `ShardPlan` if the table's rows are sharded over a mesh axis.
 
@@ -151,8 +145,6 @@ def plan_for(hidden, table, targets, table_sharding) -> ShardPlan | None:
   Raises:
     NotImplementedError: if an embedding dimension is sharded too.
   """
-  from named_embed import _layout
-
   table_spec = _layout.explicit_spec(table)
   if table_spec is not None:
     hidden_spec = _layout.explicit_spec(hidden) or PartitionSpec(None, None)
@@ -160,6 +152,17 @@ def plan_for(hidden, table, targets, table_sharding) -> ShardPlan | None:
     if table_spec[0] is None and targets_spec[0] is None:
       return None  # nothing split: the one-device kernel
     _check_embedding_unsharded(hidden_spec, table_spec)
+    shared = set(_layout.mesh_axes(table_spec[0])) & set(
+      _layout.mesh_axes(targets_spec[0])
+    )
+    if shared:
+      raise NotImplementedError(
+        "named_embed.decode_cross_entropy: the vocabulary and the tokens are"
+        f" both split over mesh axes {sorted(shared)} (table spec"
+        f" {table_spec}, targets spec {targets_spec}). Split them over"
+        " different mesh axes."
+      )
+    hidden_spec = PartitionSpec(targets_spec[0], *tuple(hidden_spec)[1:])
     mesh = jax.typeof(table).sharding.mesh
     return ShardPlan(
       mesh=mesh,
@@ -167,7 +170,7 @@ def plan_for(hidden, table, targets, table_sharding) -> ShardPlan | None:
       hidden_spec=PartitionSpec(*hidden_spec),
       table_spec=PartitionSpec(*table_spec),
       targets_spec=PartitionSpec(targets_spec[0]),
-      token_axes=_axes_of(targets_spec[0]),
+      token_axes=_layout.mesh_axes(targets_spec[0]),
     )
   if table_sharding is None:
     return None
@@ -175,7 +178,7 @@ def plan_for(hidden, table, targets, table_sharding) -> ShardPlan | None:
   if spec[0] is None:
     return None
   _check_embedding_unsharded(PartitionSpec(None, None), spec[: table.ndim])
-  vocab_axes = _axes_of(spec[0])
+  vocab_axes = _layout.mesh_axes(spec[0])
   mesh = table_sharding.mesh
   # Split the tokens over every other mesh axis, so the table gradient is
   # reduced over them once, after the chunk loop (with GSPMD partitioning

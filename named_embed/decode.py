@@ -200,7 +200,9 @@ def _decode(
     dtype = _joint_dtype(prefix.dtype, rows_array.dtype)
   policy = _DecodePolicy(
     subscripts=_subscripts(
-      len(prefix.positional_shape), hidden_named, tuple(embedding_axes)
+      prefix.data_array.ndim - len(hidden_named),  # positional axes
+      hidden_named,
+      tuple(embedding_axes),
     ),
     soft_cap=soft_cap,
     dtype=dtype,

@@ -80,7 +80,10 @@ def lookup(
       of range too): ``"fill"`` a NaN row and no gradient; ``"clip"`` the
       nearest valid row (which gets the gradient); ``"wrap"`` row ``id % V``;
       ``"error"`` an `IndexError` naming the ids and their positions (at run
-      time under `jax.jit`; a functionalised check under `checkify`).
+      time under `jax.jit`; a functionalised check under `checkify`; on a
+      computation split over several devices, an error log on the
+      ``named_embed`` logger and NaN rows, since raising in one device's
+      callback would stall the others; see ``docs/sharding.md``).
     max_norm: If set, rows whose ``norm_type``-norm exceeds it are returned
       scaled by ``max_norm / (norm + 1e-7)``; the gradient is as without
       renorm, and the table is not changed (see

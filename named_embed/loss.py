@@ -118,7 +118,7 @@ def _flatten_inputs(embedding_axes, prefix, targets, where):
     mask = where.reshape(n)
   shape = (*prefix.positional_shape, *(batch[name] for name in order))
   return (
-    hidden.reshape(n, -1),
+    hidden.reshape(n, math.prod(embedding_axes.values())),
     ids.reshape(n),
     mask,
     shape,
@@ -173,7 +173,10 @@ def decode_cross_entropy(
   Raises:
     ValueError: for mismatched axes or bad options.
     TypeError: for non-integer targets.
-    IndexError: for out-of-range targets under ``"error"``.
+    IndexError: for out-of-range targets under ``"error"`` (eagerly; under
+      `jax.jit` a runtime error naming them, and on a computation split
+      over several devices an error log on the ``named_embed`` logger with
+      NaN losses instead, see ``docs/sharding.md``).
 
   Example:
 
@@ -237,8 +240,8 @@ def _compiled_loss(
       num_rows = rows.shape[0]
       if mask is not None:  # masked targets are never checked nor NaN-filled
         ids = jnp.where(mask, ids, jnp.zeros_like(ids))
-      sharded = rows_sharding is not None or _layout.spans_devices(
-        rows, hidden, ids
+      sharded = _layout.spans_devices(rows, hidden, ids) or _layout.splits(
+        rows_sharding
       )
       safe, valid = _gather.safe_ids(ids, config.vocab_size, policy, sharded)
       if hidden.dtype != rows.dtype:  # joint dtype; table cast per chunk

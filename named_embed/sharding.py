@@ -24,15 +24,10 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from penzai import pz
 
+from named_embed._layout import mesh_axes
 from named_embed.table import EmbeddingTable
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
-
-
-def _mesh_axes(entry: Any) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
 def _check_rules(mesh: Mesh, rules: Rules) -> None:
@@ -42,7 +37,7 @@ def _check_rules(mesh: Mesh, rules: Rules) -> None:
       f" {{'vocabulary': 'model'}}; got {type(rules).__name__}."
     )
   for name, entry in rules.items():
-    for axis in _mesh_axes(entry):
+    for axis in mesh_axes(entry):
       if axis not in mesh.shape:
         raise ValueError(
           f"`rules` maps axis {name!r} to mesh axis {axis!r}, which is not"
@@ -77,7 +72,7 @@ def partition_spec(
   entries: list[Any] = [None] * view.data_array.ndim
   used: dict[str, str] = {}
   for name, dim in view.data_axis_for_name.items():
-    axes = _mesh_axes(rules.get(name))
+    axes = mesh_axes(rules.get(name))
     for axis in axes:
       if axis in used:
         raise ValueError(

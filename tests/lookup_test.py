@@ -585,3 +585,22 @@ def test_compiled_lookup_is_the_raw_take_with_no_transpose_or_table_copy():
     lambda t, i: ne.lookup(t, i, dtype=jnp.float32).data_array, table, ids
   )
   assert table_shaped(cast) == table_shaped(raw_take)
+
+
+def test_frequency_scaling_with_fill_never_turns_gradients_into_nan():
+  grad = grad_of(
+    trainable(), np.array([7, 1, 1, 9, 1]), scale_grad_by_freq=True
+  )
+  assert np.isfinite(grad).all()
+  np.testing.assert_allclose(grad[1], (C[1] + C[2] + C[4]) / 3, rtol=1e-6)
+  np.testing.assert_array_equal(grad[[0, 2, 3]], 0.0)
+
+
+def test_error_policy_still_raises_for_a_table_placed_on_one_device():
+  table = ne.EmbeddingTable.from_pretrained(W)
+  table = ne.shard(
+    table, jax.make_mesh((1,), ("model",)), {"vocabulary": "model"}
+  )
+  f = jax.jit(lambda t, i: ne.lookup(t, i, out_of_range="error").data_array)
+  with pytest.raises(Exception, match=r"id 9 at position \(0,\)"):
+    jax.block_until_ready(f(table, jnp.array([9])))

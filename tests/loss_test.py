@@ -394,3 +394,10 @@ def test_bfloat16_mean_is_rounded_once():
   )
   assert per_position.dtype == mean.dtype == jnp.bfloat16
   assert mean == jnp.asarray(f32, jnp.bfloat16)
+
+
+def test_empty_batches_give_zero_sum():
+  hidden = pz.nx.wrap(np.zeros((0, D), np.float32)).tag("seq", "embedding")
+  targets = pz.nx.wrap(np.zeros((0,), np.int32)).tag("seq")
+  value = ne.decode_cross_entropy(trainable(), hidden, targets, reduction="sum")
+  assert float(value) == 0.0

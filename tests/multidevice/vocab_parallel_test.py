@@ -309,3 +309,18 @@ def test_lookup_with_embedding_and_tokens_on_the_same_mesh_axis(kind):
   tokens = ne.shard(pz.nx.wrap(ids).tag("batch", "seq"), mesh, rules)
   out = jax.jit(lambda t, i: ne.lookup(t, i).data_array)(table, tokens)
   np.testing.assert_array_equal(out, w[ids])
+
+
+def test_loss_refuses_vocabulary_and_tokens_on_the_same_mesh_axis():
+  mesh = jax.make_mesh((2, 4), ("data", "model"))  # Explicit axes
+  rules = {"vocabulary": "data", "batch": "data"}
+  w = np.ones((16, D), np.float32)
+  table = ne.shard(ne.EmbeddingTable.from_pretrained(w), mesh, rules)
+  hidden = ne.shard(
+    pz.nx.wrap(np.ones((4, D), np.float32)).tag("batch", "embedding"),
+    mesh,
+    rules,
+  )
+  targets = ne.shard(pz.nx.wrap(np.arange(4)).tag("batch"), mesh, rules)
+  with pytest.raises(NotImplementedError, match=r"both split over mesh axes"):
+    jax.jit(ne.decode_cross_entropy)(table, hidden, targets)
