@@ -40,12 +40,12 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # before the backend starts
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 from penzai import pz  # noqa: E402
 
 import named_embed as ne  # noqa: E402
+from named_embed.demo.adam import adam_init, adam_update  # noqa: E402
 
 VOCAB = 1001  # not a multiple of 4: the table is padded to 1004 rows
 EMBED = 64
@@ -111,29 +111,6 @@ def build_model(mesh: jax.sharding.Mesh, key: jax.Array) -> pz.nn.Sequential:
   return ne.shard(model, mesh, RULES)
 
 
-def adam_init(values):
-  """Adam's state: zero moments (laid out as the values) and a step count."""
-  zeros = jax.tree.map(jnp.zeros_like, values)
-  return {"m": zeros, "v": zeros, "count": jnp.zeros((), jnp.int32)}
-
-
-def adam_update(values, grads, state, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8):
-  """One Adam step on a pytree of parameter values."""
-  count = state["count"] + 1
-  m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
-  v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
-  t = count.astype(jnp.float32)
-  m_scale = 1 / (1 - b1**t)
-  v_scale = 1 / (1 - b2**t)
-  values = jax.tree.map(
-    lambda p, m, v: p - lr * (m * m_scale) / (jnp.sqrt(v * v_scale) + eps),
-    values,
-    m,
-    v,
-  )
-  return values, {"m": m, "v": v, "count": count}
-
-
 def per_device(array: jax.Array) -> str:
   """Spec, shard shape and bytes per device of ``array``."""
   shards = {s.data.shape for s in array.addressable_shards}
@@ -185,7 +162,7 @@ def main() -> None:
   def train_step(values, state, inputs, targets):
     loss, grads = jax.value_and_grad(loss_fn)(values, inputs, targets)
     grads = ne.shard(grads, mesh, RULES)  # each gradient as its parameter
-    values, state = adam_update(values, grads, state)
+    values, state = adam_update(grads, state, values, learning_rate=1e-2)
     return values, state, loss
 
   rng = np.random.default_rng(args.seed)
@@ -205,7 +182,7 @@ def main() -> None:
   print(f"first loss {first:.4f}, final loss {final:.4f} ({seconds:.1f} s)")
   trained = pz.bind_variables(model_def, values).sublayers[0].table
   print(f"table rows after training: {per_device(trained.rows_array())}")
-  moment = state["m"][0].value.data_array
+  moment = state.mu[0].value.data_array
   print(f"Adam first moment of the table: {per_device(moment)}")
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from penzai import pz
 
 import named_embed as ne
+from named_embed.demo.adam import adam_init, adam_update
 
 VOCAB = 512  # token 0 is padding; tokens 1..511 follow the rule
 EMBED = 64
@@ -102,29 +103,6 @@ def _count(mask: pz.nx.NamedArray) -> jax.Array:
   return jnp.sum(mask.unwrap("batch", "seq"), dtype=jnp.float32)
 
 
-def adam_init(values):
-  """Adam's state: zero first and second moments, and a step count."""
-  zeros = jax.tree.map(jnp.zeros_like, values)
-  return {"m": zeros, "v": zeros, "count": jnp.zeros((), jnp.int32)}
-
-
-def adam_update(values, grads, state, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
-  """One Adam step on a pytree of parameter values."""
-  count = state["count"] + 1
-  m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
-  v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
-  t = count.astype(jnp.float32)
-  m_scale = 1 / (1 - b1**t)
-  v_scale = 1 / (1 - b2**t)
-  values = jax.tree.map(
-    lambda p, m, v: p - lr * (m * m_scale) / (jnp.sqrt(v * v_scale) + eps),
-    values,
-    m,
-    v,
-  )
-  return values, {"m": m, "v": v, "count": count}
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=200, help="training steps")
@@ -151,7 +129,7 @@ def main() -> None:
   @jax.jit
   def train_step(values, state, inputs, targets):
     loss, grads = jax.value_and_grad(loss_fn)(values, inputs, targets)
-    values, state = adam_update(values, grads, state)
+    values, state = adam_update(grads, state, values, learning_rate=1e-3)
     return values, state, loss
 
   @jax.jit
