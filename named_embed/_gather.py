@@ -29,9 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from named_embed import _bounds_check, _layout, _norms
+from named_embed import _layout, _norms, _out_of_range, _table_arrays
+from named_embed._validation import (
+  check_bool,
+  check_choice,
+  check_float_dtype,
+  check_renorm,
+)
 
-OUT_OF_RANGE_POLICIES = ("fill", "clip", "wrap", "error")
 STRATEGIES = ("gather", "one_hot")
 
 
@@ -40,8 +45,9 @@ class RowPolicy:
   """Static configuration of a lookup (hashable: a jit cache key).
 
   Attributes:
-    out_of_range: One of `OUT_OF_RANGE_POLICIES`.
-    padding_index: Row that receives no gradient, in ``[0, V)``, or None.
+    out_of_range: One of `named_embed._out_of_range.POLICIES`.
+    padding_index: The pad token's row, which receives no gradient, in
+      ``[0, V)``, or None.
     max_norm: Renorm bound, or None.
     norm_type: p of the renorm p-norm.
     scale_grad_by_freq: Divide each row's gradient by its count.
@@ -51,8 +57,9 @@ class RowPolicy:
     strategy: ``"gather"`` (index the rows) or ``"one_hot"`` (contract a
       one-hot ``[tokens, V]`` matrix with the table: a matmul forwards and
       backwards, no scatter).
-    vocab_size: Number of real tokens when the table has padding rows at
-      the end; None when every row is a token.
+    vocab_size: Number of tokens when the table has alignment rows at the
+      end (`EmbeddingTable.padded_to_multiple`); None when every row is a
+      token.
     rows_sharding: The table's recorded `NamedSharding` (see
       `EmbeddingTable.rows_sharding`), or None.
   """
@@ -70,33 +77,32 @@ class RowPolicy:
   rows_sharding: object = None
 
 
-def safe_ids(
-  ids: jax.Array, vocab_size: int, policy: RowPolicy, sharded: bool = False
-) -> tuple[jax.Array, jax.Array | None]:
-  """Maps ``ids`` into ``[0, V)`` by the policy; returns ``(safe, valid)``.
+@functools.lru_cache(maxsize=256, typed=True)
+def row_policy(
+  out_of_range: str = "fill",
+  max_norm: float | None = None,
+  norm_type: float = 2.0,
+  scale_grad_by_freq: bool = False,
+  dtype: object = None,
+  strategy: str = "gather",
+) -> RowPolicy:
+  """Validates a lookup's options, once per distinct combination, into a
+  `RowPolicy` (the table's fields are filled in per call).
 
-  ``valid`` is None unless the policy is ``"fill"``, where it marks the ids
-  that were already in range. ``sharded`` says the computation spans
-  several devices: ``"error"`` then reports bad ids on the ``named_embed``
-  logger and fills their rows with NaN instead of raising (see
-  `_bounds_check.check_ids`).
+  Raises:
+    ValueError: for an unknown ``out_of_range`` or ``strategy``, or a
+      negative ``max_norm``.
+    TypeError: for options of the wrong type.
   """
-  if jnp.dtype(ids.dtype).itemsize < 4:
-    # uint8/int16 ids cannot hold V (or V - 1) for larger vocabularies.
-    ids = ids.astype(jnp.int32)
-  mode = policy.out_of_range
-  if mode == "fill":
-    valid = (ids >= 0) & (ids < vocab_size)
-    return jnp.where(valid, ids, jnp.zeros_like(ids)), valid
-  if mode == "wrap":
-    return jnp.remainder(ids, vocab_size), None
-  if mode == "error" and policy.runtime_check:
-    ids = _bounds_check.check_ids(ids, vocab_size, fatal=not sharded)
-    if sharded:
-      valid = (ids >= 0) & (ids < vocab_size)
-      return jnp.where(valid, ids, jnp.zeros_like(ids)), valid
-  # "clip", and "error" (clamping keeps a checkified call in bounds).
-  return jnp.clip(ids, 0, vocab_size - 1), None
+  max_norm, norm_type = check_renorm(max_norm, norm_type)
+  return RowPolicy(
+    out_of_range=_out_of_range.check_policy(out_of_range),
+    max_norm=max_norm,
+    norm_type=norm_type,
+    scale_grad_by_freq=check_bool("scale_grad_by_freq", scale_grad_by_freq),
+    dtype=None if dtype is None else check_float_dtype("dtype", dtype),
+    strategy=check_choice("strategy", strategy, STRATEGIES),
+  )
 
 
 @jax.custom_vjp
@@ -212,13 +218,13 @@ def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
   """Looks up ``ids`` in ``table`` (``[V, *embedding]``) under ``policy``."""
   num_rows = table.shape[0]
   vocab_size = policy.vocab_size or num_rows
-  if policy.frozen:
-    table = jax.lax.stop_gradient(table)
   sharded = _layout.spans_devices(table, ids) or _layout.splits(
     policy.rows_sharding
   )
-  table = _layout.pin_rows(table, policy.rows_sharding)
-  safe, valid = safe_ids(ids, vocab_size, policy, sharded)
+  table = _table_arrays.kernel_rows(table, policy.frozen, policy.rows_sharding)
+  safe, valid = _out_of_range.safe_ids(
+    ids, vocab_size, policy.out_of_range, policy.runtime_check, sharded
+  )
   out_shape = ids.shape + table.shape[1:]
   if num_rows == 1:
     # Broadcast instead of gather: the backward pass is a sum, not a scatter.
@@ -246,14 +252,13 @@ def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
   return rows
 
 
-@functools.lru_cache(maxsize=512)
-def compiled_gather(policy: RowPolicy, scope: str):
-  """`gather_rows` under ``policy``, jitted once per policy.
+def compile_gather(policy: RowPolicy, scope: str):
+  """`gather_rows` under ``policy``, jitted.
 
-  Inlined under an outer `jax.jit`; a cached executable when called eagerly.
-  The policy is closed over rather than passed to `jax.jit` as a static
-  argument: the jitted call sees only two arrays (the policy is hashed once,
-  by this cache).
+  Inlined under an outer `jax.jit`; an executable when called eagerly. The
+  policy is closed over rather than passed to `jax.jit` as a static
+  argument: the jitted call sees only two arrays. Callers cache the result
+  (the lookup's per-call plan).
   """
 
   def gather_rows_kernel(table, ids):
@@ -261,23 +266,3 @@ def compiled_gather(policy: RowPolicy, scope: str):
       return gather_rows(table, ids, policy)
 
   return jax.jit(gather_rows_kernel)
-
-
-@functools.lru_cache(maxsize=512)
-def table_policy(
-  policy: RowPolicy,
-  padding_index: int | None,
-  frozen: bool,
-  runtime_check: bool,
-  vocab_size: int | None = None,
-  rows_sharding: object = None,
-) -> RowPolicy:
-  """``policy`` completed with what the table and the ids decide."""
-  return dataclasses.replace(
-    policy,
-    padding_index=padding_index,
-    frozen=frozen,
-    runtime_check=runtime_check,
-    vocab_size=vocab_size,
-    rows_sharding=rows_sharding,
-  )

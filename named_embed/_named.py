@@ -6,7 +6,6 @@ import collections
 from collections.abc import Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
@@ -26,7 +25,9 @@ def split_tokens(
   Raises:
     TypeError: if the ids are not integers.
   """
-  if isinstance(tokens, pz.nx.NamedArrayBase):
+  if type(tokens) is pz.nx.NamedArray:  # the common case, fast
+    ids, named = tokens.data_array, tokens.named_axes
+  elif isinstance(tokens, pz.nx.NamedArrayBase):
     prefix = as_prefix_layout(tokens)
     ids, named = prefix.data_array, prefix.named_axes
   else:
@@ -34,7 +35,7 @@ def split_tokens(
     if not hasattr(ids, "dtype"):
       ids = np.asarray(ids)
     named = collections.OrderedDict()
-  if not jnp.issubdtype(ids.dtype, jnp.integer):
+  if np.dtype(ids.dtype).kind not in "iu":  # bool and floats are not ids
     raise TypeError(
       f"`{argument}` must hold integer token ids, got dtype {ids.dtype}"
       f" (shape {tuple(ids.shape)}). Non-integer ids are never converted"
@@ -58,6 +59,20 @@ def check_no_clash(
       f" {given}) and in the embedding table (axes {table}). Rename the"
       " input axes, e.g. with `.untag(...).tag(...)`."
     )
+
+
+def wrap_named(
+  data: jax.Array, named_axes: collections.OrderedDict
+) -> pz.nx.NamedArray:
+  """A NamedArray of ``data`` whose trailing axes are ``named_axes`` (taken
+  as given, not copied: pass a dict nobody mutates).
+
+  The dataclass constructor without penzai's per-call abstract-class check
+  (`pz.nx.NamedArray` is concrete): the eager hot path of lookups.
+  """
+  result = object.__new__(pz.nx.NamedArray)
+  result.__init__(named_axes=named_axes, data_array=data)
+  return result
 
 
 def named_result(

@@ -12,21 +12,6 @@ RENORM_EPS = 1e-7
 """torch's ``embedding_renorm_`` adds this to the norm before dividing."""
 
 
-def check_renorm_args(
-  max_norm: object, norm_type: object
-) -> tuple[float, float]:
-  """Validates ``max_norm`` / ``norm_type`` and returns them as floats."""
-  if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
-    raise TypeError(f"`max_norm` must be a number or None, got {max_norm!r}.")
-  if not max_norm >= 0:
-    raise ValueError(f"`max_norm` must be non-negative, got {max_norm}.")
-  if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
-    raise TypeError(f"`norm_type` must be a number, got {norm_type!r}.")
-  if math.isnan(norm_type):
-    raise ValueError("`norm_type` must not be NaN.")
-  return float(max_norm), float(norm_type)
-
-
 def accumulation_dtype(dtype: object) -> np.dtype:
   """float64 for float64 input, float32 for every narrower float."""
   return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)

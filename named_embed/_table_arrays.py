@@ -1,4 +1,11 @@
-"""Checks and conversions for the array an `EmbeddingTable` holds."""
+"""The array an `EmbeddingTable` holds: how it is held, checked, and read.
+
+A table holds its ``[vocabulary, *embedding]`` `NamedArray` in one of four
+ways (`holder_kind`): a `pz.Parameter`, a `pz.ParameterValue`, a plain
+frozen `NamedArray`, or an unbound `pz.ParameterSlot`. Everything that
+needs to know which (the table's own methods, sharding, saving, rendering,
+the kernels) asks this module.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +17,103 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from named_embed import _layout
 from named_embed._validation import check_float_dtype
 from named_embed.vocabulary import Vocabulary
 
+KINDS = ("parameter", "parameter_value", "array", "slot")
+"""How a table can hold its array (`holder_kind`)."""
 
-def same_kind(embeddings: Any, value: pz.nx.NamedArray) -> Any:
-  """``value`` held the way ``embeddings`` is (Parameter, value or array)."""
+
+def holder_kind(embeddings: Any) -> str:
+  """How ``embeddings`` holds the table's array: ``"parameter"`` (a
+  trainable `pz.Parameter`), ``"parameter_value"`` (a `pz.ParameterValue`,
+  trainable through `jax.grad` of values), ``"array"`` (a plain, frozen
+  `NamedArray`) or ``"slot"`` (an unbound `pz.ParameterSlot`)."""
   if isinstance(embeddings, pz.Parameter):
-    return pz.Parameter(
-      value=value, label=embeddings.label, metadata=embeddings.metadata
-    )
+    return "parameter"
   if isinstance(embeddings, pz.ParameterValue):
-    return pz.ParameterValue(
-      value=value, label=embeddings.label, metadata=embeddings.metadata
-    )
-  return value
+    return "parameter_value"
+  if isinstance(embeddings, pz.nx.NamedArrayBase):
+    return "array"
+  return "slot"
+
+
+def is_frozen(embeddings: Any) -> bool:
+  """Whether a table holding ``embeddings`` is frozen (a plain array)."""
+  kind = type(embeddings)
+  if kind is pz.nx.NamedArray:  # exact type checks first: the hot path
+    return True
+  if kind is pz.Parameter or kind is pz.ParameterValue:
+    return False
+  return isinstance(embeddings, pz.nx.NamedArrayBase)
+
+
+def hold(
+  kind: str,
+  value: pz.nx.NamedArrayBase,
+  label: str | None = None,
+  metadata: dict | None = None,
+) -> Any:
+  """``value`` held as ``kind`` (see `holder_kind`; not ``"slot"``)."""
+  if kind == "array":
+    return value
+  holder = {"parameter": pz.Parameter, "parameter_value": pz.ParameterValue}
+  return holder[kind](value=value, label=label, metadata=metadata or {})
+
+
+def held_like(embeddings: Any, value: pz.nx.NamedArrayBase) -> Any:
+  """``value`` held the way ``embeddings`` is (Parameter, value or array),
+  with the same label and metadata."""
+  kind = holder_kind(embeddings)
+  if kind == "array":
+    return value
+  return hold(kind, value, embeddings.label, embeddings.metadata)
+
+
+def replace_value(embeddings: Any, value: pz.nx.NamedArrayBase) -> Any:
+  """``embeddings`` holding ``value`` instead. A `pz.Parameter` is updated
+  in place (penzai's parameters are mutable variables, and every layer
+  that shares it, as tied layers do, must see the new value); anything
+  else is returned new."""
+  if isinstance(embeddings, pz.Parameter):
+    embeddings.value = value
+    return embeddings
+  return held_like(embeddings, value)
 
 
 def value_or_none(embeddings: Any) -> pz.nx.NamedArrayBase | None:
+  """The `NamedArray` that ``embeddings`` holds, or None when unbound."""
+  kind = type(embeddings)
+  if kind is pz.Parameter or kind is pz.ParameterValue:  # exact: the hot path
+    embeddings = embeddings.value
+  elif isinstance(embeddings, (pz.Parameter, pz.ParameterValue)):
+    embeddings = embeddings.value
+  if type(embeddings) is pz.nx.NamedArray:
+    return embeddings
   if isinstance(embeddings, pz.nx.NamedArrayBase):
     return embeddings
-  if isinstance(embeddings, (pz.Parameter, pz.ParameterValue)):
-    return embeddings.value
   return None
+
+
+def value_and_frozen(
+  embeddings: Any,
+) -> tuple[pz.nx.NamedArrayBase | None, bool]:
+  """`value_or_none` and `is_frozen` in one call (the eager hot path)."""
+  if type(embeddings) is pz.nx.NamedArray:
+    return embeddings, True
+  return value_or_none(embeddings), is_frozen(embeddings)
+
+
+def kernel_rows(
+  rows: jax.Array, frozen: bool, rows_sharding: jax.sharding.NamedSharding
+) -> jax.Array:
+  """A table's raw rows as every kernel reads them: without gradient when
+  the table is frozen, and pinned to the sharding `named_embed.shard`
+  recorded (which also pins the gradient's)."""
+  if frozen:
+    rows = jax.lax.stop_gradient(rows)
+  return _layout.pin_rows(rows, rows_sharding)
 
 
 def check_vocabulary(
@@ -48,6 +129,16 @@ def check_vocabulary(
     raise ValueError(
       f"The vocabulary's pad token {vocabulary.token(pad)!r} is row {pad},"
       f" but the table's padding_index is {padding_index}."
+    )
+
+
+def check_bound_rows(true_vocab_size: int | None, num_rows: int) -> None:
+  """Raises if a table's ``true_vocab_size`` exceeds the rows bound to it
+  (a slot bound to a value of the wrong size)."""
+  if true_vocab_size is not None and true_vocab_size > num_rows:
+    raise ValueError(
+      f"EmbeddingTable.true_vocab_size {true_vocab_size} exceeds the"
+      f" {num_rows} rows bound to it."
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import string
 from typing import Any
 
@@ -13,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _layout, _named
-from named_embed._validation import check_float_dtype
+from named_embed import _hidden, _named, _table_arrays
+from named_embed._validation import check_float_dtype, check_soft_cap
 from named_embed.table import EmbeddingTable
 
 
@@ -35,20 +34,12 @@ def _decode_options(soft_cap: Any = None, dtype: Any = None):
   """Validates decode options once per distinct combination.
 
   Raises:
-    ValueError: for a non-positive ``soft_cap``.
+    ValueError: for a non-positive or infinite ``soft_cap``.
     TypeError: for options of the wrong type.
   """
-  if soft_cap is not None:
-    if isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float)):
-      raise TypeError(f"`soft_cap` must be a number or None, got {soft_cap!r}.")
-    if not (soft_cap > 0 and math.isfinite(soft_cap)):
-      raise ValueError(
-        f"`soft_cap` must be positive and finite, got {soft_cap}."
-      )
-    soft_cap = float(soft_cap)
   if dtype is not None:
     dtype = check_float_dtype("dtype", dtype)
-  return soft_cap, dtype
+  return check_soft_cap(soft_cap), dtype
 
 
 @functools.lru_cache(maxsize=1024)
@@ -64,18 +55,8 @@ def _subscripts(n_positional: int, hidden_named: tuple, embedding: tuple):
   return f"{hidden},{table}->{pos}{batch}{vocab}"
 
 
-@functools.lru_cache(maxsize=64)
-def _joint_dtype(hidden_dtype: Any, table_dtype: Any) -> np.dtype:
-  """The dtype both operands are cast to (JAX's standard promotion, whatever
-  the global `jax_numpy_dtype_promotion` mode)."""
-  with jax.numpy_dtype_promotion("standard"):
-    return np.dtype(jnp.promote_types(hidden_dtype, table_dtype))
-
-
 def _decode_kernel(hidden, table, policy: _DecodePolicy):
-  if policy.frozen:
-    table = jax.lax.stop_gradient(table)
-  table = _layout.pin_rows(table, policy.rows_sharding)
+  table = _table_arrays.kernel_rows(table, policy.frozen, policy.rows_sharding)
   dtype = policy.dtype
   logits = jnp.einsum(
     policy.subscripts, hidden.astype(dtype), table.astype(dtype)
@@ -93,55 +74,14 @@ def _decode_kernel(hidden, table, policy: _DecodePolicy):
 
 @functools.lru_cache(maxsize=512)
 def _compiled_decode(policy: _DecodePolicy, scope: str):
-  """`_decode_kernel` under ``policy``, jitted once (see `compiled_gather`)."""
+  """`_decode_kernel` under ``policy``, jitted once (see
+  `named_embed._gather.compile_gather`)."""
 
   def decode_kernel(hidden, table):
     with jax.named_scope(scope):
       return _decode_kernel(hidden, table, policy)
 
   return jax.jit(decode_kernel)
-
-
-def _check_hidden(
-  table: EmbeddingTable,
-  embedding_axes: dict[str, int],
-  hidden: Any,
-  caller: str,
-) -> pz.nx.NamedArray:
-  """Checks that ``hidden`` holds the table's embedding axes; returns it in
-  positional-prefix layout.
-
-  Raises:
-    TypeError: if ``hidden`` is not a `NamedArray`.
-    ValueError: for a missing embedding axis, a size mismatch, or a clash
-      with the vocabulary axis.
-  """
-  if not isinstance(hidden, pz.nx.NamedArrayBase):
-    raise TypeError(
-      f"named_embed.{caller} expects a NamedArray holding the embedding axes"
-      f" {embedding_axes}; got {type(hidden).__name__} of shape"
-      f" {getattr(hidden, 'shape', None)}. Name its axes first, e.g."
-      f" `pz.nx.wrap(x).tag(..., {', '.join(map(repr, embedding_axes))})`."
-    )
-  given = dict(hidden.named_shape)
-  missing = [name for name in embedding_axes if name not in given]
-  if missing:
-    raise ValueError(
-      f"named_embed.{caller}: the input lacks embedding axis/axes {missing};"
-      f" expected all of {embedding_axes}, got axes {given}."
-    )
-  wrong = {n: given[n] for n in embedding_axes if given[n] != embedding_axes[n]}
-  if wrong:
-    raise ValueError(
-      f"named_embed.{caller}: embedding axis sizes {wrong} of the input do not"
-      f" match the table's {embedding_axes} (input axes {given})."
-    )
-  if table.vocabulary_axis in given:
-    raise ValueError(
-      f"named_embed.{caller}: the input already has the vocabulary axis"
-      f" {table.vocabulary_axis!r} (input axes {given}); the output adds it."
-    )
-  return _named.as_prefix_layout(hidden)
 
 
 def decode(
@@ -194,10 +134,10 @@ def _decode(
   """`decode` with options already validated by `_decode_options`."""
   soft_cap, dtype = options
   rows_array, embedding_axes = table.rows_and_axes()
-  prefix = _check_hidden(table, embedding_axes, hidden, caller)
+  prefix = _hidden.check_hidden(table, embedding_axes, hidden, caller)
   hidden_named = tuple(prefix.named_axes)
   if dtype is None:
-    dtype = _joint_dtype(prefix.dtype, rows_array.dtype)
+    dtype = _hidden.joint_dtype(prefix.dtype, rows_array.dtype)
   policy = _DecodePolicy(
     subscripts=_subscripts(
       prefix.data_array.ndim - len(hidden_named),  # positional axes

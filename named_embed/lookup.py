@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any
@@ -9,53 +10,9 @@ from typing import Any
 import jax
 from penzai import pz
 
-from named_embed import _bounds_check, _gather, _named, _norms
-from named_embed._validation import check_float_dtype, resolve_padding_index
+from named_embed import _gather, _named, _out_of_range, _table_arrays
+from named_embed._validation import resolve_padding_index
 from named_embed.table import EmbeddingTable
-
-
-@functools.lru_cache(maxsize=256, typed=True)
-def _lookup_policy(
-  out_of_range: str = "fill",
-  max_norm: float | None = None,
-  norm_type: float = 2.0,
-  scale_grad_by_freq: bool = False,
-  dtype: Any = None,
-  strategy: str = "gather",
-) -> _gather.RowPolicy:
-  """Validates lookup options once per distinct combination.
-
-  Raises:
-    ValueError: for an unknown ``out_of_range`` or a negative ``max_norm``.
-    TypeError: for options of the wrong type.
-  """
-  if out_of_range not in _gather.OUT_OF_RANGE_POLICIES:
-    raise ValueError(
-      f"`out_of_range` must be one of {_gather.OUT_OF_RANGE_POLICIES}, got"
-      f" {out_of_range!r}."
-    )
-  if strategy not in _gather.STRATEGIES:
-    raise ValueError(
-      f"`strategy` must be one of {_gather.STRATEGIES}, got {strategy!r}."
-    )
-  if max_norm is not None:
-    max_norm, norm_type = _norms.check_renorm_args(max_norm, norm_type)
-  else:
-    _norms.check_renorm_args(0.0, norm_type)
-  if not isinstance(scale_grad_by_freq, bool):
-    raise TypeError(
-      f"`scale_grad_by_freq` must be a bool, got {scale_grad_by_freq!r}."
-    )
-  if dtype is not None:
-    dtype = check_float_dtype("dtype", dtype)
-  return _gather.RowPolicy(
-    out_of_range=out_of_range,
-    max_norm=max_norm,
-    norm_type=float(norm_type),
-    scale_grad_by_freq=scale_grad_by_freq,
-    dtype=dtype,
-    strategy=strategy,
-  )
 
 
 def lookup(
@@ -127,44 +84,104 @@ def lookup(
   >>> out.data_array.tolist()  # out of range: NaN rows under "fill"
   [[nan, nan], [nan, nan]]
   """
-  policy = _lookup_policy(
+  options = _gather.row_policy(
     out_of_range, max_norm, norm_type, scale_grad_by_freq, dtype, strategy
   )
-  return _lookup(table, tokens, policy, "lookup")
+  return _lookup(table, tokens, options, "lookup")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What a lookup call needs beyond its arrays, built once per static
+  configuration: the jitted kernel and the output's axis names."""
+
+  kernel: Any
+  output_axes: collections.OrderedDict  # shared by results; never mutated
+  rows_first: bool  # the table's value already has the vocabulary axis first
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(
+  options: _gather.RowPolicy,
+  vocabulary_axis: str,
+  table_axes: tuple[tuple[str, int], ...],
+  true_vocab_size: int | None,
+  padding_index: int | None,
+  frozen: bool,
+  rows_sharding: Any,
+  token_axes: tuple[tuple[str, int], ...],
+  runtime_check: bool,
+  caller: str,
+) -> _Plan:
+  """Checks what can be checked once (id dtype, axis names) and builds the
+  kernel for one static configuration; every later call with the same
+  configuration costs one cache lookup."""
+  sizes = dict(table_axes)
+  num_rows = sizes.pop(vocabulary_axis)
+  _table_arrays.check_bound_rows(true_vocab_size, num_rows)
+  if token_axes:
+    _named.check_no_clash(
+      f"named_embed.{caller}",
+      [name for name, _ in token_axes],
+      (vocabulary_axis, *sizes),
+    )
+  vocab_size = true_vocab_size or num_rows
+  policy = dataclasses.replace(
+    options,
+    padding_index=resolve_padding_index(padding_index, vocab_size),
+    frozen=frozen,
+    runtime_check=runtime_check,
+    vocab_size=true_vocab_size,
+    rows_sharding=rows_sharding,
+  )
+  return _Plan(
+    kernel=_gather.compile_gather(policy, f"named_embed.{caller}"),
+    output_axes=collections.OrderedDict((*token_axes, *sizes.items())),
+    rows_first=table_axes[0][0] == vocabulary_axis,
+  )
 
 
 def _lookup(
   table: EmbeddingTable,
   tokens: Any,
-  policy: _gather.RowPolicy,
+  options: _gather.RowPolicy,
   caller: str,
 ) -> pz.nx.NamedArray:
-  """`lookup` with options already validated into a `RowPolicy`."""
-  rows_array, embedding_axes = table.rows_and_axes()
+  """`lookup` with options already validated into a `RowPolicy`.
+
+  The hot path of every eager call: it reads the arrays, builds the plan's
+  cache key from static facts, and calls the cached kernel.
+  """
+  value, frozen = _table_arrays.value_and_frozen(table.embeddings)
+  if value is None:
+    value = table.value  # raises: unbound
   ids, token_axes = _named.split_tokens(tokens)
-  if token_axes:
-    _named.check_no_clash(
-      f"named_embed.{caller}",
-      token_axes,
-      (table.vocabulary_axis, *embedding_axes),
+  shape = (
+    value.named_axes if type(value) is pz.nx.NamedArray else value.named_shape
+  )
+  runtime_check = options.out_of_range == "error" and (
+    _out_of_range.needs_runtime_check(
+      "error", ids, table.true_vocab_size or shape[table.vocabulary_axis]
     )
-  vocab_size = table.true_vocab_size or rows_array.shape[0]
-  runtime_check = (
-    policy.out_of_range == "error"
-    and _bounds_check.needs_runtime_check(ids, vocab_size)
   )
-  padding_index = resolve_padding_index(table.padding_index, vocab_size)
-  policy = _gather.table_policy(
-    policy,
-    padding_index,
-    table.frozen,
-    runtime_check,
+  plan = _plan(
+    options,
+    table.vocabulary_axis,
+    tuple(shape.items()),
     table.true_vocab_size,
+    table.padding_index,
+    frozen,
     table.rows_sharding,
+    tuple(token_axes.items()),
+    runtime_check,
+    caller,
   )
-  kernel = _gather.compiled_gather(policy, f"named_embed.{caller}")
-  rows = kernel(rows_array, ids)
-  return _named.named_result(rows, {**token_axes, **embedding_axes})
+  if plan.rows_first and type(value) is pz.nx.NamedArray:
+    rows_array = value.data_array
+  else:
+    rows_array = table.rows_array()
+  rows = plan.kernel(rows_array, ids)
+  return _named.wrap_named(rows, plan.output_axes)
 
 
 @pz.pytree_dataclass
@@ -232,7 +249,7 @@ class EmbeddingLookup(pz.nn.Layer):
   @property
   def policy(self) -> _gather.RowPolicy:
     """The validated options (cached per distinct combination)."""
-    return _lookup_policy(
+    return _gather.row_policy(
       self.out_of_range,
       self.max_norm,
       self.norm_type,

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
 
 from named_embed import (
-  _bounds_check,
   _chunked_ce,
-  _gather,
+  _hidden,
   _layout,
   _named,
+  _out_of_range,
+  _table_arrays,
   _vocab_parallel,
 )
-from named_embed.decode import (
-  EmbeddingDecode,
-  _check_hidden,
-  _decode_options,
-  _joint_dtype,
+from named_embed._validation import (
+  check_choice,
+  check_number,
+  check_optional_positive_int,
+  check_soft_cap,
 )
-from named_embed.lookup import _lookup_policy
+from named_embed.decode import EmbeddingDecode
 from named_embed.table import EmbeddingTable
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -46,24 +48,10 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
 
 
 def _check_options(chunk_size, label_smoothing, z_loss, reduction):
-  if chunk_size is not None and (
-    isinstance(chunk_size, bool)
-    or not isinstance(chunk_size, int)
-    or chunk_size <= 0
-  ):
-    raise ValueError(
-      f"`chunk_size` must be a positive int or None, got {chunk_size!r}."
-    )
-  if not 0.0 <= label_smoothing <= 1.0:
-    raise ValueError(
-      f"`label_smoothing` must be in [0, 1], got {label_smoothing}."
-    )
-  if not z_loss >= 0.0:
-    raise ValueError(f"`z_loss` must be non-negative, got {z_loss}.")
-  if reduction not in REDUCTIONS:
-    raise ValueError(
-      f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}."
-    )
+  check_optional_positive_int("chunk_size", chunk_size)
+  check_number("label_smoothing", label_smoothing, minimum=0.0, maximum=1.0)
+  check_number("z_loss", z_loss, minimum=0.0, finite=True)
+  check_choice("reduction", reduction, REDUCTIONS)
 
 
 def _flatten_inputs(embedding_axes, prefix, targets, where):
@@ -199,19 +187,21 @@ def decode_cross_entropy(
       soft_cap = table_or_decode.soft_cap
   else:
     table = table_or_decode
-  soft_cap, _ = _decode_options(soft_cap, None)
+  soft_cap = check_soft_cap(soft_cap)
   _check_options(chunk_size, label_smoothing, z_loss, reduction)
-  policy = _lookup_policy(out_of_range)
+  out_of_range = _out_of_range.check_policy(out_of_range)
   rows, embedding_axes = table.rows_and_axes()
-  prefix = _check_hidden(table, embedding_axes, hidden, "decode_cross_entropy")
+  prefix = _hidden.check_hidden(
+    table, embedding_axes, hidden, "decode_cross_entropy"
+  )
   h, ids, mask, shape, batch = _flatten_inputs(
     embedding_axes, prefix, targets, where
   )
   vocab_size = table.true_vocab_size or rows.shape[0]
-  runtime_check = out_of_range == "error" and (
-    _bounds_check.needs_runtime_check(ids, vocab_size, mask)
+  runtime_check = _out_of_range.needs_runtime_check(
+    out_of_range, ids, vocab_size, mask
   )
-  policy = _gather.table_policy(policy, None, table.frozen, runtime_check)
+  ids_policy = _IdsPolicy(out_of_range, runtime_check, table.frozen)
   config = _chunked_ce.LossConfig(
     chunk_size=chunk_size or default_chunk_size(h.shape[0], vocab_size),
     vocab_size=vocab_size,
@@ -219,16 +209,24 @@ def decode_cross_entropy(
     label_smoothing=float(label_smoothing),
     z_loss=float(z_loss),
   )
-  kernel = _compiled_loss(policy, config, reduction, table.rows_sharding)
+  kernel = _compiled_loss(ids_policy, config, reduction, table.rows_sharding)
   losses = kernel(h, rows, ids, mask)
   if reduction == "none":
     return _named.named_result(losses.reshape(shape), batch)
   return losses
 
 
+class _IdsPolicy(NamedTuple):
+  """How the loss treats its targets and table (part of the jit cache key)."""
+
+  out_of_range: str
+  runtime_check: bool
+  frozen: bool
+
+
 @functools.lru_cache(maxsize=256)
 def _compiled_loss(
-  policy: _gather.RowPolicy,
+  policy: _IdsPolicy,
   config: _chunked_ce.LossConfig,
   reduction: str,
   rows_sharding: jax.sharding.NamedSharding | None,
@@ -243,11 +241,16 @@ def _compiled_loss(
       sharded = _layout.spans_devices(rows, hidden, ids) or _layout.splits(
         rows_sharding
       )
-      safe, valid = _gather.safe_ids(ids, config.vocab_size, policy, sharded)
+      safe, valid = _out_of_range.safe_ids(
+        ids,
+        config.vocab_size,
+        policy.out_of_range,
+        policy.runtime_check,
+        sharded,
+      )
       if hidden.dtype != rows.dtype:  # joint dtype; table cast per chunk
-        hidden = hidden.astype(_joint_dtype(hidden.dtype, rows.dtype))
-      if policy.frozen:
-        rows = jax.lax.stop_gradient(rows)
+        hidden = hidden.astype(_hidden.joint_dtype(hidden.dtype, rows.dtype))
+      rows = _table_arrays.kernel_rows(rows, policy.frozen, rows_sharding)
       flat_rows = rows.reshape(num_rows, -1)  # a bitcast, not a copy
       plan = _vocab_parallel.plan_for(hidden, flat_rows, safe, rows_sharding)
       if plan is None:

@@ -24,6 +24,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from penzai import pz
 
+from named_embed import _table_arrays
 from named_embed._layout import mesh_axes
 from named_embed.table import EmbeddingTable
 
@@ -109,18 +110,12 @@ def _shard_named(array, mesh: Mesh, rules: Rules):
 
 
 def _shard_table(table: EmbeddingTable, mesh: Mesh, rules: Rules):
-  embeddings = table.embeddings
-  if isinstance(embeddings, pz.Parameter):
-    embeddings.value = _shard_named(embeddings.value, mesh, rules)
-  elif isinstance(embeddings, pz.ParameterValue):
-    embeddings = dataclasses.replace(
-      embeddings, value=_shard_named(embeddings.value, mesh, rules)
-    )
-  elif isinstance(embeddings, pz.nx.NamedArrayBase):
-    embeddings = _shard_named(embeddings, mesh, rules)
-  else:  # an unbound slot: nothing to place, but remember the layout
+  value = _table_arrays.value_or_none(table.embeddings)
+  if value is None:  # an unbound slot: nothing to place
     return table
-  value = table.value
+  embeddings = _table_arrays.replace_value(
+    table.embeddings, _shard_named(value, mesh, rules)
+  )
   order = (table.vocabulary_axis, *table.embedding_axes)
   spec = partition_spec(value.order_as(*order), mesh, rules)
   return dataclasses.replace(
@@ -225,12 +220,6 @@ def sharded_init(
   out_shardings = jax.tree.map(lambda _: sharding, abstract)
   value = jax.jit(initial_value, out_shardings=out_shardings)()
   template = captured["table"]
-  embeddings = template.embeddings
-  if isinstance(embeddings, pz.Parameter | pz.ParameterValue):
-    embeddings = type(embeddings)(
-      value=value, label=embeddings.label, metadata=embeddings.metadata
-    )
-  else:
-    embeddings = value
+  embeddings = _table_arrays.held_like(template.embeddings, value)
   table = dataclasses.replace(template, embeddings=embeddings)
   return shard(table, mesh, rules)

@@ -16,7 +16,9 @@ from named_embed._initializers import default_initializer, initialize
 from named_embed._validation import (
   check_embedding_axes,
   check_float_dtype,
+  check_number,
   check_positive_int,
+  check_renorm,
   resolve_padding_index,
 )
 from named_embed.vocabulary import Vocabulary
@@ -303,7 +305,7 @@ class EmbeddingTable(pz.Struct):
     ...                                   freeze=False).frozen
     False
     """
-    return isinstance(self.embeddings, pz.nx.NamedArrayBase)
+    return _table_arrays.is_frozen(self.embeddings)
 
   @property
   def vocab_size(self) -> int:
@@ -391,11 +393,9 @@ class EmbeddingTable(pz.Struct):
     value = self.value
     vocabulary_axis = self.vocabulary_axis
     true_size = self.true_vocab_size
-    if true_size is not None and true_size > value.named_shape[vocabulary_axis]:
-      raise ValueError(
-        f"EmbeddingTable.true_vocab_size {true_size} exceeds the"
-        f" {value.named_shape[vocabulary_axis]} rows bound to it."
-      )
+    _table_arrays.check_bound_rows(
+      true_size, value.named_shape[vocabulary_axis]
+    )
     if isinstance(value, pz.nx.NamedArray):
       named_axes = value.named_axes
       if next(iter(named_axes)) == vocabulary_axis:
@@ -444,7 +444,7 @@ class EmbeddingTable(pz.Struct):
     value = pz.nx.wrap(padded, self.vocabulary_axis, *self.embedding_axes)
     return dataclasses.replace(
       self,
-      embeddings=_table_arrays.same_kind(self.embeddings, value),
+      embeddings=_table_arrays.held_like(self.embeddings, value),
       true_vocab_size=self.vocab_size,
     )
 
@@ -508,12 +508,13 @@ class EmbeddingTable(pz.Struct):
     >>> np.round(np.asarray(t.renormalized(1.0).rows_array()), 4).tolist()
     [[0.6, 0.8], [0.3, 0.4]]
     """
-    max_norm, norm_type = _norms.check_renorm_args(max_norm, norm_type)
+    max_norm = check_number("max_norm", max_norm, minimum=0.0)
+    _, norm_type = check_renorm(None, norm_type)
     rows = self.rows_array()
     new_rows = _norms.renorm_rows(rows, max_norm, norm_type)
     value = pz.nx.wrap(new_rows, self.vocabulary_axis, *self.embedding_axes)
     return dataclasses.replace(
-      self, embeddings=_table_arrays.same_kind(self.embeddings, value)
+      self, embeddings=_table_arrays.held_like(self.embeddings, value)
     )
 
   # -------------------------------------------------------------- inspection

@@ -142,7 +142,7 @@ def test_from_pretrained_multi_axis_plain_array_needs_names():
       ValueError,
       r"`embedding_axes\['embedding'\]` must be a positive int, got -2",
     ),
-    (dict(embedding_axes={}), ValueError, r"non-empty dict"),
+    (dict(embedding_axes={}), ValueError, r"at least one axis"),
     (dict(padding_index=5), ValueError, r"`padding_index` 5 is outside \[-5"),
     (dict(padding_index=-6), ValueError, r"`padding_index` -6 is outside"),
     (dict(dtype=jnp.int32), TypeError, r"`dtype` must be a floating dtype"),

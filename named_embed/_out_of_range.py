@@ -1,7 +1,18 @@
-"""The ``out_of_range="error"`` check: eager, jitted and checkified.
+"""The out-of-range policy: its names, validation, and what it does to ids.
 
-One primitive, ``named_embed_check_ids``, returns its integer input unchanged
-and fails when an id lies outside ``[0, vocab_size)``:
+Every call that reads rows by id (lookups, the fused loss's targets, and
+later pooled lookups) takes ``out_of_range=`` and goes through this module:
+
+- `check_policy` validates the name (one of `POLICIES`);
+- `needs_runtime_check` decides, for ``"error"``, whether the ids are
+  checked now (concrete ids: an `IndexError` at once) or inside the
+  computation (traced ids);
+- `safe_ids` maps ids into ``[0, V)`` by the policy and says which were
+  valid, so kernels gather with ``mode="promise_in_bounds"``.
+
+The ``"error"`` check inside a computation is one primitive,
+``named_embed_check_ids``, which returns its integer input unchanged and
+fails when an id lies outside ``[0, vocab_size)``:
 
 - called on concrete arrays (eagerly) it raises `IndexError` at once;
 - lowered inside `jax.jit` it compiles for any ids; at run time a device-side
@@ -25,6 +36,54 @@ from jax import lax
 from jax.experimental import io_callback
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+
+from named_embed._validation import check_choice
+
+POLICIES = ("fill", "clip", "wrap", "error")
+"""The out-of-range policies, as ``out_of_range=`` takes them."""
+
+
+def check_policy(out_of_range: object) -> str:
+  """Returns ``out_of_range`` if it names a policy; raises otherwise.
+
+  >>> check_policy("clip")
+  'clip'
+  """
+  return check_choice("out_of_range", out_of_range, POLICIES)
+
+
+def safe_ids(
+  ids: jax.Array,
+  vocab_size: int,
+  policy: str,
+  runtime_check: bool = False,
+  sharded: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+  """Maps ``ids`` into ``[0, V)`` by ``policy``; returns ``(safe, valid)``.
+
+  ``valid`` is None unless the policy is ``"fill"``, where it marks the ids
+  that were already in range. ``runtime_check`` (from `needs_runtime_check`)
+  runs the ``"error"`` check inside the computation. ``sharded`` says the
+  computation spans several devices: ``"error"`` then reports bad ids on
+  the ``named_embed`` logger and fills their rows with NaN instead of
+  raising (see `check_ids`).
+  """
+  if jnp.dtype(ids.dtype).itemsize < 4:
+    # uint8/int16 ids cannot hold V (or V - 1) for larger vocabularies.
+    ids = ids.astype(jnp.int32)
+  if policy == "fill":
+    valid = (ids >= 0) & (ids < vocab_size)
+    return jnp.where(valid, ids, jnp.zeros_like(ids)), valid
+  if policy == "wrap":
+    return jnp.remainder(ids, vocab_size), None
+  if policy == "error" and runtime_check:
+    ids = check_ids(ids, vocab_size, fatal=not sharded)
+    if sharded:
+      valid = (ids >= 0) & (ids < vocab_size)
+      return jnp.where(valid, ids, jnp.zeros_like(ids)), valid
+  # "clip", and "error" (clamping keeps a checkified call in bounds).
+  return jnp.clip(ids, 0, vocab_size - 1), None
+
 
 MAX_REPORTED = 8
 """How many offending ids an error message lists."""
@@ -58,11 +117,17 @@ def raise_if_out_of_range(ids: np.ndarray, vocab_size: int) -> None:
     raise IndexError(message)
 
 
-def needs_runtime_check(ids, vocab_size: int, mask=None) -> bool:
-  """For ``out_of_range="error"``: checks concrete ids now (raising
-  `IndexError`), or returns True when they are traced and the check must
-  run inside the computation. Positions where ``mask`` is False are exempt.
+def needs_runtime_check(
+  policy: str, ids: object, vocab_size: int, mask: object = None
+) -> bool:
+  """Whether ``policy`` needs the id check inside the computation.
+
+  Only ``"error"`` checks ids: concrete ids are checked now (raising
+  `IndexError`) and need nothing more; traced ids return True. Positions
+  where ``mask`` is False are exempt.
   """
+  if policy != "error":
+    return False
   if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
     return True
   ids = np.asarray(ids)

@@ -1,0 +1,69 @@
+"""The hidden side of a decode: what a decode or fused loss accepts.
+
+A decode contracts every embedding axis of the table against ``hidden``;
+`check_hidden` checks that ``hidden`` holds them (with the right sizes, and
+without the vocabulary axis), and `joint_dtype` is the dtype both operands
+are computed in.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from named_embed import _named
+
+
+@functools.lru_cache(maxsize=64)
+def joint_dtype(hidden_dtype: Any, table_dtype: Any) -> np.dtype:
+  """The dtype both operands are cast to (JAX's standard promotion, whatever
+  the global `jax_numpy_dtype_promotion` mode)."""
+  with jax.numpy_dtype_promotion("standard"):
+    return np.dtype(jnp.promote_types(hidden_dtype, table_dtype))
+
+
+def check_hidden(
+  table: Any,
+  embedding_axes: dict[str, int],
+  hidden: Any,
+  caller: str,
+) -> pz.nx.NamedArray:
+  """Checks that ``hidden`` holds the table's embedding axes; returns it in
+  positional-prefix layout.
+
+  Raises:
+    TypeError: if ``hidden`` is not a `NamedArray`.
+    ValueError: for a missing embedding axis, a size mismatch, or a clash
+      with the vocabulary axis.
+  """
+  if not isinstance(hidden, pz.nx.NamedArrayBase):
+    raise TypeError(
+      f"named_embed.{caller} expects a NamedArray holding the embedding axes"
+      f" {embedding_axes}; got {type(hidden).__name__} of shape"
+      f" {getattr(hidden, 'shape', None)}. Name its axes first, e.g."
+      f" `pz.nx.wrap(x).tag(..., {', '.join(map(repr, embedding_axes))})`."
+    )
+  given = dict(hidden.named_shape)
+  missing = [name for name in embedding_axes if name not in given]
+  if missing:
+    raise ValueError(
+      f"named_embed.{caller}: the input lacks embedding axis/axes {missing};"
+      f" expected all of {embedding_axes}, got axes {given}."
+    )
+  wrong = {n: given[n] for n in embedding_axes if given[n] != embedding_axes[n]}
+  if wrong:
+    raise ValueError(
+      f"named_embed.{caller}: embedding axis sizes {wrong} of the input do not"
+      f" match the table's {embedding_axes} (input axes {given})."
+    )
+  if table.vocabulary_axis in given:
+    raise ValueError(
+      f"named_embed.{caller}: the input already has the vocabulary axis"
+      f" {table.vocabulary_axis!r} (input axes {given}); the output adds it."
+    )
+  return _named.as_prefix_layout(hidden)
