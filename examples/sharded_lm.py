@@ -18,11 +18,11 @@ and an `EmbeddingDecode` of the same table (tied weights). The loss runs
 every layer but the last and hands the decode layer to
 `ne.decode_cross_entropy`, which on this table is vocabulary-parallel: each
 device runs a chunked online log-sum-exp over its own rows, and the
-statistics are combined with one small all-reduce. The step (Adam, written
-out by hand) runs under `jax.jit`, and ``ne.shard(grads, mesh, RULES)``
-pins each gradient to its parameter's layout inside it, so the table and
-its Adam moments stay split over ``model`` from the first step to the
-last. The data follow a fixed next-token rule, ``x -> 1 + (5x + 3) % 1000``.
+statistics are combined with one small all-reduce. The step (``optax.adam``
+on the parameter values of `pz.unbind_params`) runs under `jax.jit`, and
+``ne.shard(grads, mesh, RULES)`` pins each gradient to its parameter's
+layout inside it, so the table and its Adam moments stay split over
+``model`` from the first step to the last. The data follow a fixed next-token rule, ``x -> 1 + (5x + 3) % 1000``.
 
 The script prints the per-device bytes of the table and the loss as it
 falls. Run it from the repository root::
@@ -41,11 +41,11 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before the backend starts
 
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 from penzai import pz  # noqa: E402
 
 import named_embed as ne  # noqa: E402
-from named_embed.demo.adam import adam_init, adam_update  # noqa: E402
 
 VOCAB = 1001  # not a multiple of 4: the table is padded to 1004 rows
 EMBED = 64
@@ -158,19 +158,24 @@ def main() -> None:
     # chunk_size=128: each device scans its 251 rows in two chunks.
     return ne.decode_cross_entropy(decode, hidden, targets, chunk_size=128)
 
+  optimizer = optax.adam(1e-2)
+
   @jax.jit
   def train_step(values, state, inputs, targets):
     loss, grads = jax.value_and_grad(loss_fn)(values, inputs, targets)
     grads = ne.shard(grads, mesh, RULES)  # each gradient as its parameter
-    values, state = adam_update(grads, state, values, learning_rate=1e-2)
-    return values, state, loss
+    # optax mixes Python floats with its int32 step count, which JAX's
+    # strict dtype promotion (if you enable it) rejects.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, state = optimizer.update(grads, state, values)
+    return optax.apply_updates(values, updates), state, loss
 
   rng = np.random.default_rng(args.seed)
   log_every = max(1, args.steps // 10)
   first = final = None
   started = time.perf_counter()
   with jax.set_mesh(mesh):  # Explicit axes: jit needs to know the mesh
-    state = jax.jit(adam_init)(values)
+    state = jax.jit(optimizer.init)(values)  # moments laid out as values
     for step in range(args.steps):
       inputs, targets = make_batch(rng, mesh)
       values, state, loss = train_step(values, state, inputs, targets)
@@ -182,7 +187,7 @@ def main() -> None:
   print(f"first loss {first:.4f}, final loss {final:.4f} ({seconds:.1f} s)")
   trained = pz.bind_variables(model_def, values).sublayers[0].table
   print(f"table rows after training: {per_device(trained.rows_array())}")
-  moment = state.mu[0].value.data_array
+  moment = optax.tree_utils.tree_get(state, "mu")[0].value.data_array
   print(f"Adam first moment of the table: {per_device(moment)}")
 
 

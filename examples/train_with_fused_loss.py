@@ -11,9 +11,10 @@ The model is a penzai ``Sequential``: an `EmbeddingLookup`, a residual MLP,
 and an `EmbeddingDecode` of the *same* table (tied weights, one parameter).
 The loss runs every layer but the last, then hands the decode layer to
 `ne.decode_cross_entropy`, which computes the softmax cross-entropy without
-building the ``[tokens, vocabulary]`` logits. The optimiser is Adam, written
-out by hand on the parameter values that `pz.unbind_params` returns, so no
-optimiser library is needed.
+building the ``[tokens, vocabulary]`` logits. Training is penzai's way with
+optax: `pz.unbind_params` splits the model into its structure and its
+parameter values, `jax.value_and_grad` differentiates the loss with respect
+to the values, and ``optax.adam`` updates them.
 
 The script prints the loss as it falls and, at the end, the next-token
 accuracy on a fresh batch. Run it from the repository root::
@@ -30,10 +31,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from penzai import pz
 
 import named_embed as ne
-from named_embed.demo.adam import adam_init, adam_update
 
 VOCAB = 512  # token 0 is padding; tokens 1..511 follow the rule
 EMBED = 64
@@ -41,6 +42,7 @@ MLP = 256
 BATCH = 32
 SEQ = 16
 IGNORE = -100  # target of padded positions, as torch's ignore_index
+LEARNING_RATE = 1e-3
 
 
 def next_token(tokens: np.ndarray) -> np.ndarray:
@@ -126,11 +128,16 @@ def main() -> None:
       decode, hidden, targets, where=targets != IGNORE
     )
 
+  optimizer = optax.adam(LEARNING_RATE)
+
   @jax.jit
   def train_step(values, state, inputs, targets):
     loss, grads = jax.value_and_grad(loss_fn)(values, inputs, targets)
-    values, state = adam_update(grads, state, values, learning_rate=1e-3)
-    return values, state, loss
+    # optax mixes Python floats with its int32 step count, which JAX's
+    # strict dtype promotion (if you enable it) rejects.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, state = optimizer.update(grads, state, values)
+    return optax.apply_updates(values, updates), state, loss
 
   @jax.jit
   def accuracy(values, inputs, targets):
@@ -140,7 +147,7 @@ def main() -> None:
     hits = (predicted == targets) & real
     return _count(hits) / _count(real)
 
-  state = jax.jit(adam_init)(values)
+  state = jax.jit(optimizer.init)(values)  # one compile for all parameters
   log_every = max(1, args.steps // 10)
   first = final = None
   started = time.perf_counter()

@@ -13,7 +13,7 @@ writes ``d table`` chunk by chunk in place. Peak temporary memory is a few
 Chunks are read with ``dynamic_slice`` of the rows as stored: the table is
 never padded, copied or cast as a whole (a ragged last chunk is handled
 outside the loop). Arithmetic is float32 (float64 for float64 inputs).
-Rows whose global id is ``>= vocab_size`` (padding rows) get ``-inf``
+Rows whose global id is ``>= vocab_size`` (alignment rows) get ``-inf``
 logits and no gradient.
 
 Per position the loss is, with ``z`` the (soft-capped) logits, ``t`` the
@@ -44,7 +44,7 @@ class LossConfig:
 
   Attributes:
     chunk_size: Rows per chunk.
-    vocab_size: Number of real tokens; rows at or past it are padding.
+    vocab_size: Number of real tokens; rows at or past it are alignment rows.
     soft_cap: Logit soft cap, or None.
     label_smoothing: ``eps``.
     z_loss: Weight of ``lse**2``.
@@ -127,7 +127,7 @@ def local_stats(hidden, table, targets, offset, config: LossConfig):
     m, s, t, total = carry
     z, _, real = _chunk_logits(hidden, table, start, rows, offset, config)
     m_new = jnp.maximum(m, jnp.max(z, axis=1))
-    # A shard holding only padding rows keeps m = -inf: guard exp(-inf+inf).
+    # A shard holding only alignment rows keeps m = -inf: guard exp(-inf+inf).
     shift = jnp.where(jnp.isfinite(m_new), m_new, jnp.zeros_like(m_new))
     s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
     t = t + _target_logit(z, targets, offset + start, rows)
@@ -191,7 +191,7 @@ def local_grads(hidden, table, targets, lse, g, offset, config: LossConfig):
     if config.soft_cap is not None:
       cap = jnp.asarray(config.soft_cap, acc)
       dz = dz * (1.0 - (z / cap) ** 2)
-    if real is not None:  # padding rows: no gradient (and no inf * 0)
+    if real is not None:  # alignment rows: no gradient (and no inf * 0)
       dz = jnp.where(real[None, :], dz, jnp.zeros((), acc))
     d_hidden = d_hidden + dz @ chunk.astype(acc)
     d_chunk = lax.dot_general(dz, hidden, (((0,), (0,)), ((), ())))

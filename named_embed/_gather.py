@@ -1,10 +1,11 @@
 """The row-gathering kernel and its gradient rules, on raw arrays.
 
-Every lookup (and, later, every pooled lookup) goes through `gather_rows`:
-out-of-range policy, padding row, ``max_norm`` and ``scale_grad_by_freq``
-are written once, here. Layout: ``table`` is ``[V, *embedding]``, ``ids`` has
-any shape, the result is ``[*ids.shape, *embedding]`` (token axes first, as
-``jnp.take`` gives; no transpose of the table, ever).
+Every lookup goes through `gather_rows`: the out-of-range policy (whose
+id mapping is `_out_of_range`'s), the pad token row, ``max_norm`` and
+``scale_grad_by_freq`` are applied once, here. Layout: ``table`` is
+``[V, *embedding]``, ``ids`` has any shape, the result is
+``[*ids.shape, *embedding]`` (token axes first, as ``jnp.take`` gives; no
+transpose of the table, ever).
 
 How each rule costs no more than its own arithmetic:
 
@@ -13,7 +14,7 @@ How each rule costs no more than its own arithmetic:
   whose gradient is a plain scatter-add);
 - ``"fill"`` adds one select on the output's bits (NaN rows; backwards, a
   select keeps their gradient away from the table);
-- padding and ``scale_grad_by_freq`` only reweight the *gradient*: a
+- the pad token row and ``scale_grad_by_freq`` only reweight the *gradient*: a
   custom_vjp that is the identity forwards and multiplies the cotangent by
   a per-token weight backwards;
 - ``max_norm`` scales rows forwards and passes the cotangent through
@@ -200,6 +201,26 @@ def _gradient_weight(
     else:
       weight = jnp.where(keep, weight, jnp.zeros_like(weight))
   return weight
+
+
+def renorm(rows: jax.Array, policy: RowPolicy, n_token_axes: int):
+  """``rows`` scaled down to ``policy.max_norm`` (unchanged when it is None),
+  with the gradient as if unscaled: the rule every lookup applies, for
+  kernels that read rows themselves (pooled lookups)."""
+  if policy.max_norm is None:
+    return rows
+  return _renorm_straight_through(
+    rows, policy.max_norm, policy.norm_type, n_token_axes
+  )
+
+
+def gradient_weight(
+  safe: jax.Array, valid: jax.Array | None, num_rows: int, policy: RowPolicy
+) -> jax.Array | None:
+  """The per-token gradient weight of a lookup (0 on the padding row,
+  1/count under ``scale_grad_by_freq``, counted over the tokens where
+  ``valid``), for kernels that write row gradients themselves."""
+  return _gradient_weight(safe, valid, num_rows, policy)
 
 
 def _one_hot_rows(table: jax.Array, safe: jax.Array) -> jax.Array:

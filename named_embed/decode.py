@@ -66,7 +66,7 @@ def _decode_kernel(hidden, table, policy: _DecodePolicy):
     logits = cap * jnp.tanh(logits / cap)
   num_rows = table.shape[0]
   if policy.vocab_size is not None and policy.vocab_size < num_rows:
-    # Padding rows are not tokens: -inf keeps them out of any softmax.
+    # Alignment rows are not tokens: -inf keeps them out of any softmax.
     real = jnp.arange(num_rows) < policy.vocab_size
     logits = jnp.where(real, logits, jnp.full((), -jnp.inf, logits.dtype))
   return logits

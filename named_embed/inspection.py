@@ -368,7 +368,7 @@ def _search(
     flat = flat / jnp.maximum(norms, jnp.asarray(_EPS, dtype))[:, None]
   mask = np.zeros(size, bool)
   mask[excluded] = True
-  mask[table.vocab_size :] = True  # rows padded for sharding: not tokens
+  mask[table.vocab_size :] = True  # alignment rows: not tokens
   if table.padding_index is not None:
     mask[table.padding_index] = True
   if query_ids is None:

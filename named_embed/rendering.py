@@ -12,14 +12,14 @@ import dataclasses
 import html
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import treescope
-from penzai import pz
 
-from named_embed import _norms
+from named_embed import _norms, _table_arrays
 from named_embed.table import EmbeddingTable
 
 
@@ -29,18 +29,24 @@ def show(
   *,
   title: str | None = None,
   max_cells: int = 100_000,
+  notes: Sequence[str] = (),
 ) -> str:
   """Writes a standalone HTML page of ``table`` and returns its absolute path.
 
-  The page shows the summary line and the treescope rendering of the table,
-  whose embedding array is drawn with its rows labelled by token (by id
-  without a vocabulary): hovering a cell shows its token.
+  The page shows the summary line, then ``notes``, then the treescope
+  rendering of the table, whose embedding array is drawn with its rows
+  labelled by token (by id without a vocabulary): hovering a cell shows its
+  token.
 
   Args:
     table: The table to show (bound, with concrete values).
     path: Where to write the page (UTF-8).
     title: Page title; default ``"EmbeddingTable"``.
     max_cells: Larger arrays are drawn truncated to about this many cells.
+    notes: Extra paragraphs of plain text shown under the summary, in order
+      (e.g. how the table was trained, or its nearest neighbours). They are
+      HTML-escaped, and their line breaks and spacing are kept. A single
+      string is one note.
 
   Returns:
     The absolute path of the page.
@@ -53,6 +59,15 @@ def show(
   >>> with tempfile.TemporaryDirectory() as tmp:
   ...   page = pathlib.Path(rendering.show(table, pathlib.Path(tmp, "t.html")))
   ...   page.is_absolute(), "treescope" in page.read_text()
+  (True, True)
+
+  With notes (escaped, so they cannot inject markup):
+
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   text = pathlib.Path(rendering.show(
+  ...       table, pathlib.Path(tmp, "t.html"),
+  ...       notes=["trained 3 steps", "a < b"])).read_text()
+  >>> '<pre class="note">trained 3 steps</pre>' in text, "a &lt; b" in text
   (True, True)
   """
   value = table.value
@@ -76,7 +91,13 @@ def show(
     body = treescope.render_to_html(table, compressed=False)
   title = html.escape(title or "EmbeddingTable")
   page = _PAGE.format(
-    title=title, summary=html.escape(summarize(table)), body=body
+    title=title,
+    summary=html.escape(summarize(table)),
+    notes="".join(
+      f'<pre class="note">{html.escape(note)}</pre>\n'
+      for note in ([notes] if isinstance(notes, str) else notes)
+    ),
+    body=body,
   )
   path = os.path.abspath(os.fspath(path))
   with open(path, "w", encoding="utf-8") as f:
@@ -86,9 +107,11 @@ def show(
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>body {{ font-family: sans-serif; margin: 1.5em; }}</style></head>
+<style>body {{ font-family: sans-serif; margin: 1.5em; }}
+pre.note {{ white-space: pre-wrap; background: #f4f4f4; padding: 0.5em; }}
+</style></head>
 <body><h1>{title}</h1><p><code>{summary}</code></p>
-<p>Hover over a cell of the array to see its token and value.</p>
+{notes}<p>Hover over a cell of the array to see its token and value.</p>
 {body}
 </body></html>
 """
@@ -97,17 +120,25 @@ _PAGE = """<!DOCTYPE html>
 def row_labels(table: EmbeddingTable) -> list[str]:
   """Labels of the rows: their tokens, or ``"id i"`` without a vocabulary.
 
+  A token that is empty or has white space at either end (``" "``,
+  ``"\\n"``, ``" the"``) is shown as its Python repr, so it stays visible.
+
   >>> import numpy as np, named_embed as ne
   >>> from named_embed import rendering
   >>> table = ne.EmbeddingTable.from_pretrained(np.ones((2, 1), np.float32),
   ...                                           padding_index=0)
   >>> rendering.row_labels(table)
   ['id 0 (padding)', 'id 1']
+  >>> rendering.row_labels(table.with_vocabulary(ne.Vocabulary(["a", " "])))
+  ['a (padding)', "' '"]
   """
   if table.vocabulary is None:
     labels = [f"id {i}" for i in range(table.vocab_size)]
   else:
-    labels = list(table.vocabulary.tokens)
+    labels = [
+      repr(token) if token.strip() != token or not token else token
+      for token in table.vocabulary.tokens
+    ]
   if table.padding_index is not None:
     labels[table.padding_index] += " (padding)"
   return labels
@@ -129,7 +160,7 @@ def summarize(table: EmbeddingTable, statistics: bool = True) -> str:
   vocabulary:2 × embedding:2 float32, padding row 0,
   row norms min 0 mean 2.5 max 5
   """
-  value = _bound_value(table)
+  value = _table_arrays.value_or_none(table.embeddings)
   padding = "no padding row"
   if table.padding_index is not None:
     padding = f"padding row {table.padding_index}"
@@ -143,7 +174,8 @@ def summarize(table: EmbeddingTable, statistics: bool = True) -> str:
   parts = [f"{shape} {np.dtype(value.dtype).name}", padding]
   if table.true_vocab_size is not None:
     extra = value.named_shape[table.vocabulary_axis] - table.true_vocab_size
-    parts.append(f"{table.true_vocab_size} tokens + {extra} padding rows")
+    rows = "alignment row" if extra == 1 else "alignment rows"
+    parts.append(f"{table.true_vocab_size} tokens + {extra} {rows}")
   data = getattr(value, "data_array", None)
   concrete = isinstance(data, np.ndarray) or (
     isinstance(data, jax.Array)
@@ -220,16 +252,3 @@ def _without_addresses(subtree_renderer: Any) -> Any:
     return subtree_renderer(node, path=path)
 
   return render
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _bound_value(table: EmbeddingTable) -> pz.nx.NamedArrayBase | None:
-  embeddings = table.embeddings
-  if isinstance(embeddings, pz.nx.NamedArrayBase):
-    return embeddings
-  if isinstance(embeddings, (pz.Parameter, pz.ParameterValue)):
-    value = embeddings.value
-    return value if isinstance(value, pz.nx.NamedArrayBase) else None
-  return None

@@ -85,8 +85,8 @@ def partition_spec(
     if view.data_array.shape[dim] % shards:
       raise ValueError(
         f"Axis {name!r} of size {view.data_array.shape[dim]} cannot be split"
-        f" over mesh axes {axes} ({shards} devices). Pad it to a multiple,"
-        " e.g. `table.padded_to_multiple("
+        f" over mesh axes {axes} ({shards} devices). Add alignment rows up"
+        " to a multiple, e.g. `table.padded_to_multiple("
         f"{shards})` or `from_config(..., pad_to_multiple={shards})`."
       )
     if axes:

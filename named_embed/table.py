@@ -71,7 +71,7 @@ class EmbeddingTable(pz.Struct):
       Static metadata: attaching it changes no pytree leaf, and its hash is
       computed once, so jitted calls cost the same.
     true_vocab_size: The number of real tokens when the table has extra
-      padding rows at the end (see `padded_to_multiple`), else None. Ids at
+      alignment rows at the end (see `padded_to_multiple`), else None. Ids at
       or beyond it are out of range, decodes give those rows ``-inf``
       logits, and the loss never sees them.
     rows_sharding: The `NamedSharding` of the ``[vocabulary, *embedding]``
@@ -309,7 +309,7 @@ class EmbeddingTable(pz.Struct):
 
   @property
   def vocab_size(self) -> int:
-    """The number of tokens (rows, less any padding rows).
+    """The number of tokens (rows, less any alignment rows).
 
     >>> import numpy as np, named_embed as ne
     >>> ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32)).vocab_size
@@ -321,7 +321,7 @@ class EmbeddingTable(pz.Struct):
 
   @property
   def num_rows(self) -> int:
-    """The number of rows, padding rows included.
+    """The number of rows, alignment rows included.
 
     >>> import numpy as np, named_embed as ne
     >>> table = ne.EmbeddingTable.from_pretrained(np.ones((5, 2), np.float32))
@@ -368,7 +368,7 @@ class EmbeddingTable(pz.Struct):
     return self.rows_and_axes()[0]
 
   def token_rows(self) -> jax.Array:
-    """The ``[vocab_size, *embedding]`` rows of real tokens (padding rows
+    """The ``[vocab_size, *embedding]`` rows of real tokens (alignment rows
     left out; no copy when there are none).
 
     >>> import numpy as np, named_embed as ne
@@ -413,8 +413,8 @@ class EmbeddingTable(pz.Struct):
     """Returns the table with zero rows appended up to a multiple of rows.
 
     Sharding the vocabulary axis over ``M`` devices needs a row count that
-    ``M`` divides. The padding rows are not tokens: ``vocab_size`` stays,
-    ids in the padded range are out of range under every policy, decodes
+    ``M`` divides. The alignment rows are not tokens: ``vocab_size`` stays,
+    ids of alignment rows are out of range under every policy, decodes
     give them ``-inf`` logits (so softmax and loss ignore them), and they
     receive no gradient. A trainable table gets a new `pz.Parameter` with
     the same label.
@@ -423,7 +423,7 @@ class EmbeddingTable(pz.Struct):
       multiple: A positive int, e.g. the mesh axis size (or 128 times it).
 
     Returns:
-      A new table (this one if nothing needs padding).
+      A new table (this one if no alignment rows are needed).
 
     Example:
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import html
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -14,9 +14,18 @@ import numpy as np
 import pytest
 from penzai import pz
 
+import named_embed as ne
 from named_embed import demo
 
 STEPS = 40
+SUBPROCESS_STEPS = 6
+
+
+class Terminal(io.StringIO):
+  """A text stream that says it is a terminal."""
+
+  def isatty(self) -> bool:
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +37,11 @@ def demo_run(tmp_path_factory):
     steps=STEPS, output=output, stream=stream, progress=progress
   )
   return result, stream.getvalue(), progress.getvalue()
+
+
+def tiny_model():
+  config = demo.ModelConfig(vocab_size=5, context=2, embedding=4, hidden=6)
+  return demo.init_model(config)
 
 
 def test_loss_falls(demo_run):
@@ -42,18 +56,70 @@ def test_loss_falls(demo_run):
   assert valid_end < valid_start - 1.0
   losses = result["losses"]
   assert len(losses) == STEPS
+  assert all(isinstance(loss, float) for loss in losses)
   assert np.mean(losses[-5:]) < losses[0] - 1.0
 
 
-def test_report_and_progress_bar(demo_run):
+def test_report_to_a_non_terminal_has_no_bar(demo_run):
   result, stdout, progress = demo_run
   assert f"step    0/{STEPS}" in stdout
   assert f"step   {STEPS}/{STEPS}" in stdout
   assert "sample (temperature" in stdout
+  assert "nearest rows: a ~ " in stdout
   assert f"wrote {result['output']}" in stdout
-  assert f"] {STEPS}/{STEPS} loss" in progress
-  assert "\r" in progress
-  assert "step " not in progress  # loss lines go to the report stream
+  assert "\r" not in stdout
+  assert progress == ""  # not a terminal: no progress bar at all
+
+
+def test_progress_bar_only_on_a_terminal():
+  ids = np.arange(40, dtype=np.int32) % 5
+  terminal, stream = Terminal(), io.StringIO()
+  demo.train(
+    tiny_model(),
+    ids,
+    ids,
+    context=2,
+    steps=3,
+    batch_size=4,
+    stream=stream,
+    progress=terminal,
+  )
+  assert "\r" in terminal.getvalue()  # tqdm redraws its bar in place
+  assert "train:" in terminal.getvalue() and "/3 [" in terminal.getvalue()
+  assert "\r" not in stream.getvalue()
+  assert "step    3/3" in stream.getvalue()
+  assert "step " not in terminal.getvalue()  # loss lines go to the stream
+
+
+def test_subprocess_piped_to_a_file_has_no_carriage_return(tmp_path):
+  page = tmp_path / "page.html"
+  out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+  with open(out, "w") as stdout, open(err, "w") as stderr:
+    proc = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "named_embed",
+        "--steps",
+        str(SUBPROCESS_STEPS),
+        "--output",
+        str(page),
+      ],
+      stdout=stdout,
+      stderr=stderr,
+      timeout=300,
+      check=False,
+    )
+  text, errors = out.read_text(), err.read_text()
+  assert proc.returncode == 0, errors
+  assert "\r" not in text and "\r" not in errors
+  assert text.startswith("named_embed demo: a tied-embedding character model")
+  lines = text.splitlines()
+  assert f"step    0/{SUBPROCESS_STEPS}  train loss" in text
+  assert f"step    {SUBPROCESS_STEPS}/{SUBPROCESS_STEPS}  train loss" in text
+  assert f"wrote {page}" in lines
+  assert lines[-1].startswith("done in ")
+  assert page.exists()
 
 
 def test_sample(demo_run):
@@ -61,23 +127,64 @@ def test_sample(demo_run):
   sample = result["sample"]
   assert sample.startswith(demo.DEFAULT_PROMPT)
   assert len(sample) == len(demo.DEFAULT_PROMPT) + demo.SAMPLE_LENGTH
-  assert set(sample) <= set(result["vocabulary"].chars)
+  assert set(sample) <= set(result["vocabulary"].tokens)
 
 
-def test_html_page(demo_run):
-  result, _, _ = demo_run
+def test_html_page_is_written_by_show(demo_run):
+  result, stdout, _ = demo_run
   path = result["output"]
   assert os.path.isabs(path) and os.path.exists(path)
   with open(path, encoding="utf-8") as f:
     page = f.read()
   assert page.startswith("<!DOCTYPE html>")
   assert "treescope-container" in page
+  assert "arrayviz" in page  # treescope's array view, drawn in the browser
+  assert "TreescopeFigure(" not in page  # not the repr of a figure
   assert "EmbeddingTable" in page
   # The rows of the rendered array are labelled with their characters.
-  letters = [c for c in result["vocabulary"].labels() if c.isalpha()]
+  letters = [c for c in result["vocabulary"].tokens if c.isalpha()]
   assert len(letters) > 40
-  for label in letters:
-    assert html.escape(json.dumps(label)) in page
+  lower = [c for c in letters if c.islower()]  # consecutive rows
+  assert ", ".join(json.dumps(c) for c in lower) in page
+  # The notes: the losses, the sample and every character's neighbours.
+  assert f"{STEPS} steps: valid loss" in page
+  assert "sample (temperature" in page
+  assert "nearest rows (cosine similarity, by ne.nearest):" in page
+  assert "a ~ " in page and "␣ ~ " in page
+
+
+def test_uses_the_library(demo_run, monkeypatch):
+  result, _, _ = demo_run
+  vocab = result["vocabulary"]
+  assert isinstance(vocab, ne.Vocabulary)
+  assert vocab.tokens == tuple(sorted(set(demo.load_text())))
+  table = demo.embedding_table(result["model"])
+  assert table.vocabulary == vocab
+  assert isinstance(result["model"].sublayers[-1], ne.EmbeddingDecode)
+  for gone in ("adam", "page", "progress"):
+    assert importlib.util.find_spec(f"named_embed.demo.{gone}") is None
+  # The loss is the fused one.
+  calls = []
+  fused = ne.decode_cross_entropy
+
+  def counting(*args, **kwargs):
+    calls.append(type(args[0]).__name__)
+    return fused(*args, **kwargs)
+
+  monkeypatch.setattr(ne, "decode_cross_entropy", counting)
+  tokens = pz.nx.wrap(np.array([[1, 2]], np.int32)).tag("batch", "context")
+  targets = pz.nx.wrap(np.array([3], np.int32)).tag("batch")
+  loss = demo.model_loss(tiny_model(), tokens, targets)
+  assert calls == ["EmbeddingDecode"]
+  assert 1.0 < float(loss) < 2.5  # about log(5)
+
+
+def test_nearest_chars_match_ne_nearest(demo_run):
+  table = demo.embedding_table(demo_run[0]["model"])
+  near = demo.nearest_chars(table, ["a", "T"], k=3)
+  for char in ("a", "T"):
+    ids, _ = ne.nearest(table, char, k=3)
+    assert near[char] == table.vocabulary.decode(ids.unwrap("neighbor"))
 
 
 def test_model_has_one_tied_embedding_parameter(demo_run):
@@ -96,8 +203,9 @@ def test_model_has_one_tied_embedding_parameter(demo_run):
 def test_main_in_process(demo_run, tmp_path, capsys):
   output = tmp_path / "main.html"
   assert demo.main(["--steps", "2", "--output", str(output)]) == 0
-  stdout = capsys.readouterr().out
-  assert f"wrote {output}" in stdout
+  captured = capsys.readouterr()
+  assert f"wrote {output}" in captured.out
+  assert "\r" not in captured.out + captured.err  # captured: not a terminal
   assert output.exists()
 
 

@@ -1,5 +1,8 @@
 """`show()` in a real browser: hovering a row of the array shows its token.
 
+The page of the ``python -m named_embed`` demo (written by `show`) is checked
+the same way: its table is drawn, and its rows are labelled by character.
+
 Runs Debian's Chromium (``/usr/bin/chromium``, installed by ``.ci/run``)
 through Playwright; Playwright's own browser downloads are never used. A
 missing browser or Playwright fails the test: it is not skipped.
@@ -7,6 +10,7 @@ missing browser or Playwright fails the test: it is not skipped.
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 
@@ -27,6 +31,7 @@ CHROMIUM_ARGS = [
 ]
 TOKENS = ["<pad>", "king", "queen", "man", "woman", "apple"]
 EMBEDDING = 4
+DEMO_SCREENSHOT = "/tmp/demo_page.png"
 
 
 def sync_playwright():
@@ -84,6 +89,67 @@ def test_hovering_a_row_shows_its_token(tmp_path):
         label = TOKENS[row] + (" (padding)" if row == 0 else "")
         assert f"vocabulary @ {row}: {label}" in text, text
         assert f"'vocabulary':{row}, 'embedding':1" in text, text
+      assert not errors, errors
+    finally:
+      browser.close()
+
+
+def wait_for_arrays(page):
+  """Waits until treescope has drawn its array canvas; returns it."""
+  # treescope draws each array into a canvas inside its shadow root,
+  # then removes the "Rendering array..." placeholder.
+  canvas = page.locator(".arrayviz_container canvas")
+  canvas.wait_for(state="visible")
+  page.locator(".arrayviz_container .loading_message").wait_for(
+    state="detached"
+  )
+  return canvas
+
+
+def test_demo_page_draws_the_table_with_character_rows(tmp_path):
+  from named_embed import demo
+
+  result = demo.run(
+    steps=3,
+    output=tmp_path / "demo.html",
+    stream=io.StringIO(),
+    progress=io.StringIO(),
+  )
+  chars = result["vocabulary"].tokens
+  table = result["model"].sublayers[0].table
+  (embedding,) = table.embedding_axes.values()
+  url = pathlib.Path(result["output"]).as_uri()
+  with sync_playwright() as playwright:
+    browser = playwright.chromium.launch(
+      executable_path=CHROMIUM, args=CHROMIUM_ARGS
+    )
+    try:
+      page = browser.new_page(viewport={"width": 1280, "height": 900})
+      errors = []
+      page.on("pageerror", lambda error: errors.append(error))
+      page.goto(url)
+      canvas = wait_for_arrays(page)
+      assert page.locator(".arrayviz_container").count() >= 1
+      body = page.locator("body").inner_text()
+      assert "TreescopeFigure(" not in body
+      assert "nearest rows" in body and "sample (temperature" in body
+      canvas.scroll_into_view_if_needed()
+      box = canvas.bounding_box()
+      assert box["width"] > 100 and box["height"] > 100, box
+      tip = page.locator(".arrayviz_container .hovertip")
+      # The canvas has a one-cell border around the rows and columns.
+      rows, columns = len(chars) + 2, embedding + 2
+      for char in ("a", "T", ","):
+        row = chars.index(char)
+        page.mouse.move(
+          box["x"] + 2.5 / columns * box["width"],
+          box["y"] + (row + 1.5) / rows * box["height"],
+        )
+        tip.wait_for(state="visible")
+        text = tip.text_content()
+        assert f"vocabulary @ {row}: {char}" in text, text
+      page.mouse.move(0, 0)
+      page.screenshot(path=DEMO_SCREENSHOT, full_page=True)
       assert not errors, errors
     finally:
       browser.close()

@@ -100,7 +100,7 @@ def test_padded_tables_keep_padding_out_of_files_queries_and_summaries(
   assert ne.load_word2vec(tmp_path / "w.txt").vocab_size == 3
   assert ne.to_torch_weight(table).shape == (3, 2)
   assert ne.to_flax(table)["params"]["embedding"].shape == (3, 2)
-  assert "3 tokens + 1 padding rows" in ne.summarize(table)
+  assert "3 tokens + 1 alignment row" in ne.summarize(table)
 
 
 def test_true_vocab_size_is_checked_against_bound_rows():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -10,13 +11,13 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
 import named_embed as ne
 from named_embed.demo.model import ModelConfig, embedding_table, init_model
-from named_embed.demo.page import nearest_chars, render_page, write_page
-from named_embed.demo.progress import TrainingLog
 from named_embed.demo.settings import (
   DEFAULT_BATCH_SIZE,
   DEFAULT_LEARNING_RATE,
@@ -24,10 +25,13 @@ from named_embed.demo.settings import (
   DEFAULT_PROMPT,
   DEFAULT_SEED,
   DEFAULT_STEPS,
+  FAST_COMPILE,
   SAMPLE_TEMPERATURE,
 )
-from named_embed.demo.text import CharVocabulary, load_text
-from named_embed.demo.training import generate, train
+from named_embed.demo.text import char_vocabulary, encode, load_text
+from named_embed.demo.training import TrainingLog, generate, train
+
+PAGE_TITLE = "named_embed demo: a tied character embedding table"
 
 
 def _describe(model: pz.nn.Sequential, config: ModelConfig, n: int) -> str:
@@ -40,18 +44,59 @@ def _describe(model: pz.nn.Sequential, config: ModelConfig, n: int) -> str:
     f" embedding {config.embedding}, hidden {config.hidden};"
     f" {sum(sizes.values()):,} parameters"
     f" ({', '.join(f'{k} {v:,}' for k, v in sizes.items())})\n"
-    "  one EmbeddingTable shared by EmbeddingLookup and EmbeddingDecode"
+    "  one EmbeddingTable shared by EmbeddingLookup and EmbeddingDecode;"
+    " trained with ne.decode_cross_entropy and optax.adam"
   )
 
 
-def _report(
-  table: ne.EmbeddingTable, vocab: CharVocabulary, sample: str
-) -> list[str]:
+def _shown(char: str) -> str:
+  """A character as printed in the neighbour lists (a space as ``␣``)."""
+  return "␣" if char == " " else char
+
+
+def nearest_chars(
+  table: ne.EmbeddingTable, chars: Sequence[str], k: int = 3
+) -> dict[str, list[str]]:
+  """The ``k`` characters closest to each of ``chars``, by `ne.nearest`.
+
+  Cosine similarity of the table's rows; a character is never its own
+  neighbour. The table must carry its `ne.Vocabulary` of characters. All
+  the characters form one batched query (a ``"query"`` axis of ids), run
+  under one `jax.jit`.
+
+  Example:
+
+  >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+  ...     [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], np.float32)).with_vocabulary(
+  ...     ne.Vocabulary(["a", "b", "c"]))
+  >>> nearest_chars(table, ["a", "c"], k=2)
+  {'a': ['b', 'c'], 'c': ['b', 'a']}
+  """
+  query = jnp.asarray(table.vocabulary.encode(chars), jnp.int32)
+  ids, _ = _nearest(pz.freeze_params(table), pz.nx.wrap(query).tag("query"), k)
+  rows = np.asarray(ids.unwrap("query", "neighbor"))
+  return {c: table.vocabulary.decode(row) for c, row in zip(chars, rows)}
+
+
+@functools.partial(
+  jax.jit, static_argnames=("k",), compiler_options=FAST_COMPILE
+)
+def _nearest(table, query, k):
+  return ne.nearest(table, query, k=k)
+
+
+def _neighbour_list(near: dict[str, list[str]]) -> str:
+  return " | ".join(
+    f"{_shown(c)} ~ {' '.join(map(_shown, n))}" for c, n in near.items()
+  )
+
+
+def _report(near: dict[str, list[str]], sample: str) -> list[str]:
   """The lines printed after training: the sample and some neighbours."""
-  near = {c: " ".join(nearest_chars(table, vocab, c)) for c in "aetAT,"}
+  some = {c: near[c] for c in "aetAT," if c in near}
   return [
     f"sample (temperature {SAMPLE_TEMPERATURE}):\n  {sample}",
-    "nearest rows: " + " | ".join(f"{c} ~ {n}" for c, n in near.items()),
+    "nearest rows: " + _neighbour_list(some),
   ]
 
 
@@ -76,6 +121,10 @@ def run(
 ) -> dict[str, Any]:
   """Runs the whole demo: train, print a sample, write the HTML page.
 
+  The page is written by `named_embed.show`: the trained table, its rows
+  labelled by character, with the header, the losses, the sample and every
+  character's nearest rows as notes.
+
   Args:
     steps: Number of training steps.
     seed: Seed of the initialisation, the batches and the sample.
@@ -84,12 +133,16 @@ def run(
     learning_rate: Initial Adam step size (cosine-decayed to 0).
     prompt: Start of the generated sample.
     stream: Where the report goes (default ``sys.stdout``).
-    progress: Where the progress bar goes (default ``sys.stderr``).
+    progress: Where the progress bar goes (default ``sys.stderr``); it is
+      drawn only on a terminal or as a notebook widget (see
+      `named_embed.demo.training.progress_bar`).
 
   Returns:
     A dict with ``"losses"`` (one per step), ``"evals"`` (``(step,
     train_loss, valid_loss)`` tuples), ``"sample"``, ``"output"`` (the
-    absolute path of the page), ``"model"`` (trained) and ``"vocabulary"``.
+    absolute path of the page, written by `named_embed.show`), ``"model"``
+    (trained) and ``"vocabulary"`` (the `named_embed.Vocabulary` of
+    characters attached to the model's table).
 
   Example (a few seconds, mostly compilation; with the default batch size,
   the compiled functions are shared with other runs in the same process):
@@ -105,6 +158,8 @@ def run(
   (2, [0, 1, 2])
   >>> result["sample"][:16], len(result["vocabulary"]) > 40
   ('Once upon a time', True)
+  >>> result["model"].sublayers[0].table.vocabulary == result["vocabulary"]
+  True
   >>> print(out.getvalue().splitlines()[0])  # doctest: +ELLIPSIS
   named_embed demo: a tied-embedding character model on ... of fables
   """
@@ -113,7 +168,7 @@ def run(
   vocab, ids = _fables()
   split = len(ids) * 9 // 10
   config = ModelConfig(vocab_size=len(vocab))
-  model = init_model(config, seed)
+  model = init_model(config, seed, vocab)
   header = _describe(model, config, len(ids))
   print(header, file=stream, flush=True)
   model, log = train(
@@ -129,7 +184,7 @@ def run(
     progress=progress,
   )
   sample = generate(model, vocab, prompt, context=config.context, seed=seed)
-  path = _publish(model, vocab, [header, _losses(log)], sample, output, stream)
+  path = _publish(model, [header, _losses(log)], sample, output, stream)
   print(f"done in {time.perf_counter() - start:.1f} s", file=stream, flush=True)
   return {
     "losses": log.losses,
@@ -141,16 +196,15 @@ def run(
   }
 
 
-def _fables() -> tuple[CharVocabulary, np.ndarray]:
+def _fables() -> tuple[ne.Vocabulary, np.ndarray]:
   """The vocabulary of the fables and the fables as token ids."""
   text = load_text()
-  vocab = CharVocabulary.from_text(text)
-  return vocab, vocab.encode(text)
+  vocab = char_vocabulary(text)
+  return vocab, encode(vocab, text)
 
 
 def _publish(
   model: pz.nn.Sequential,
-  vocab: CharVocabulary,
   summary: Sequence[str],
   sample: str,
   output: str | os.PathLike[str],
@@ -158,14 +212,21 @@ def _publish(
 ) -> str:
   """Prints the sample and neighbours, and writes the page; returns its path.
 
-  The page shows ``summary`` followed by the printed lines.
+  The page, written by `named_embed.show`, has ``summary``, the sample and
+  the nearest rows of every character as notes above the table.
   """
   table = embedding_table(model)
-  report = _report(table, vocab, sample)
-  page = render_page(table, vocab, [*summary, *report], model)
-  path = write_page(page, output)
+  near = nearest_chars(table, table.vocabulary.tokens)
+  report = _report(near, sample)
+  notes = [
+    *summary,
+    report[0],
+    "nearest rows (cosine similarity, by ne.nearest):\n"
+    + _neighbour_list(near),
+  ]
+  path = ne.show(table, output, title=PAGE_TITLE, notes=notes)
   for line in [*report, f"wrote {path}"]:
-    print(line, file=stream)
+    print(line, file=stream, flush=True)
   return path
 
 

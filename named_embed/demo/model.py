@@ -1,4 +1,9 @@
-"""The demo model: a tied-embedding character n-gram MLP, and its loss."""
+"""The demo model: a tied-embedding character n-gram MLP, and its loss.
+
+The loss runs every layer but the final `named_embed.EmbeddingDecode` and
+hands that layer to `named_embed.decode_cross_entropy`, which never builds
+the ``{"batch", "vocabulary"}`` logits.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from penzai import pz
 
 import named_embed as ne
@@ -35,13 +39,21 @@ class ModelConfig:
   hidden: int = 256
 
 
-def build_model(config: ModelConfig, seed: int | None = 0) -> pz.nn.Sequential:
+def build_model(
+  config: ModelConfig,
+  seed: int | None = 0,
+  vocabulary: ne.Vocabulary | None = None,
+) -> pz.nn.Sequential:
   """Builds the tied-embedding n-gram MLP.
 
   Args:
     config: The sizes.
     seed: Seed of the parameter initialisation, or None for unfilled
       `pz.ParameterSlot` objects (bind values later, as in penzai).
+    vocabulary: If given, attached to the table (`EmbeddingTable.
+      with_vocabulary`): its ``config.vocab_size`` tokens label the rows,
+      e.g. in `named_embed.show` and `named_embed.nearest`. It needs a
+      seed: an unbound table has no rows to check it against.
 
   Returns:
     A `pz.nn.Sequential` taking tokens ``{"batch", "context"}`` to logits
@@ -56,6 +68,11 @@ def build_model(config: ModelConfig, seed: int | None = 0) -> pz.nn.Sequential:
   ['EmbeddingLookup', 'Affine', 'Elementwise', 'Linear', 'EmbeddingDecode']
   >>> model.sublayers[0].table is model.sublayers[-1].table  # tied
   True
+  >>> vocab = ne.Vocabulary(["a", "b", "c", "d", "e"])
+  >>> build_model(ModelConfig(vocab_size=5, context=2, embedding=4,
+  ...                         hidden=6), 0, vocab).sublayers[
+  ...     -1].table.vocabulary.token(2)
+  'c'
   """
   key = None if seed is None else jax.random.key(seed)
   table = ne.EmbeddingTable.from_config(
@@ -63,7 +80,7 @@ def build_model(config: ModelConfig, seed: int | None = 0) -> pz.nn.Sequential:
     init_base_rng=key,
     vocab_size=config.vocab_size,
     embedding_axes={"embedding": config.embedding},
-  )
+  ).with_vocabulary(vocabulary)
   return pz.nn.Sequential(
     [
       ne.EmbeddingLookup(table),
@@ -86,7 +103,9 @@ def build_model(config: ModelConfig, seed: int | None = 0) -> pz.nn.Sequential:
 
 
 def init_model(
-  config: ModelConfig, seed: int = DEFAULT_SEED
+  config: ModelConfig,
+  seed: int = DEFAULT_SEED,
+  vocabulary: ne.Vocabulary | None = None,
 ) -> pz.nn.Sequential:
   """`build_model`, with all initialisers run in a single `jax.jit` call.
 
@@ -95,6 +114,7 @@ def init_model(
 
   Example:
 
+  >>> import jax.numpy as jnp
   >>> model = init_model(ModelConfig(vocab_size=5, context=2, embedding=4,
   ...                                hidden=6))
   >>> [p.label for p in pz.unbind_params(model)[1]]
@@ -104,15 +124,19 @@ def init_model(
   >>> model(ids).named_shape
   {'batch': 1, 'vocabulary': 5}
   """
-  unbound, values = _initial_values(config, seed)
+  unbound, values = _initial_values(config, seed, vocabulary)
   return pz.bind_variables(unbound, values, unfreeze_as_copy=True)
 
 
 @functools.partial(
-  jax.jit, static_argnames=("config", "seed"), compiler_options=FAST_COMPILE
+  jax.jit,
+  static_argnames=("config", "seed", "vocabulary"),
+  compiler_options=FAST_COMPILE,
 )
-def _initial_values(config: ModelConfig, seed: int):
-  return pz.unbind_params(build_model(config, seed), freeze=True)
+def _initial_values(
+  config: ModelConfig, seed: int, vocabulary: ne.Vocabulary | None
+):
+  return pz.unbind_params(build_model(config, seed, vocabulary), freeze=True)
 
 
 def embedding_table(model: pz.nn.Sequential) -> ne.EmbeddingTable:
@@ -129,26 +153,40 @@ def embedding_table(model: pz.nn.Sequential) -> ne.EmbeddingTable:
   raise ValueError("the model has no EmbeddingLookup layer")
 
 
-def cross_entropy(
-  logits: pz.nx.NamedArray, targets: pz.nx.NamedArray
+def model_loss(
+  model: pz.nn.Sequential,
+  tokens: pz.nx.NamedArray,
+  targets: pz.nx.NamedArray,
 ) -> jax.Array:
-  """Mean cross-entropy of ``{..., "vocabulary"}`` logits against token ids.
+  """Mean cross-entropy of the model's next-token predictions, fused.
+
+  Runs every layer but the last (the `named_embed.EmbeddingDecode`) to get
+  the hidden state ``{"batch", "embedding"}``, then calls
+  `named_embed.decode_cross_entropy` with the decode layer: the loss (and
+  its gradient, for both uses of the tied table) without materialising the
+  ``{"batch", "vocabulary"}`` logits.
 
   Args:
-    logits: Logits with a ``"vocabulary"`` axis and named batch axes.
-    targets: Integer ids with the batch axes of ``logits``.
+    model: From `build_model` (bound, or with frozen values).
+    tokens: Integer ids ``{"batch", "context"}``.
+    targets: The next token of each window, ``{"batch"}``.
 
   Returns:
     A float scalar, in nats.
 
-  Example:
+  Example (equal to the loss of the full logits):
 
-  >>> logits = pz.nx.wrap(jnp.zeros((2, 4))).tag("batch", "vocabulary")
+  >>> import jax.numpy as jnp
+  >>> model = init_model(ModelConfig(vocab_size=5, context=2, embedding=4,
+  ...                                hidden=6))
+  >>> tokens = pz.nx.wrap(jnp.array([[1, 2], [3, 4]])).tag("batch", "context")
   >>> targets = pz.nx.wrap(jnp.array([0, 3])).tag("batch")
-  >>> round(float(jax.jit(cross_entropy)(logits, targets)), 4)  # log(4)
-  1.3863
+  >>> fused = model_loss(model, tokens, targets)
+  >>> logits = model(tokens).unwrap("batch", "vocabulary")
+  >>> full = -jax.nn.log_softmax(logits)[jnp.arange(2), jnp.array([0, 3])]
+  >>> bool(jnp.isclose(fused, full.mean(), rtol=1e-5))
+  True
   """
-  per_token = pz.nx.nmap(lambda row, t: jax.nn.logsumexp(row) - row[t])(
-    logits.untag("vocabulary"), targets
-  )
-  return jnp.mean(per_token.unwrap(*per_token.named_shape))
+  *trunk, decode = model.sublayers
+  hidden = pz.nn.Sequential(trunk)(tokens)
+  return ne.decode_cross_entropy(decode, hidden, targets)

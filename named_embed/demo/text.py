@@ -1,14 +1,20 @@
-"""The demo's training text: loading it, its characters and its windows."""
+"""The demo's training text: loading it, its characters and its windows.
+
+The characters form a `named_embed.Vocabulary` (`char_vocabulary`), which
+the demo attaches to its embedding table so that the table's rows are
+labelled by character.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
 from collections.abc import Iterable
 
 import jax
 import numpy as np
 from penzai import pz
+
+import named_embed as ne
 
 
 def load_text(name: str = "fables.txt") -> str:
@@ -33,73 +39,47 @@ def load_text(name: str = "fables.txt") -> str:
   return " ".join(resource.read_text(encoding="utf-8").split())
 
 
-@dataclasses.dataclass(frozen=True)
-class CharVocabulary:
-  """A character vocabulary: token id ``i`` is ``chars[i]``.
+def char_vocabulary(text: str) -> ne.Vocabulary:
+  """The `named_embed.Vocabulary` of the distinct characters of ``text``.
+
+  Token ``i`` is the ``i``-th character in sorted order; no special roles
+  (no padding, no unknown token: encoding a character outside ``text`` is a
+  `KeyError`).
 
   Example:
 
-  >>> vocab = CharVocabulary.from_text("abba cab")
-  >>> vocab.chars, len(vocab)
+  >>> vocab = char_vocabulary("abba cab")
+  >>> vocab.tokens, len(vocab)
   ((' ', 'a', 'b', 'c'), 4)
-  >>> vocab.encode("cab").tolist()
+  >>> vocab.encode("cab")  # a string is a sequence of character tokens
   [3, 1, 2]
-  >>> vocab.decode([2, 1, 0, 3])
+  >>> "".join(vocab.decode([2, 1, 0, 3]))
   'ba c'
-  >>> vocab.labels()
-  ['␣', 'a', 'b', 'c']
-
-  Attributes:
-    chars: The distinct characters, sorted.
   """
+  return ne.Vocabulary(sorted(set(text)))
 
-  chars: tuple[str, ...]
 
-  @classmethod
-  def from_text(cls, text: str) -> CharVocabulary:
-    """The sorted distinct characters of ``text``.
+def encode(vocab: ne.Vocabulary, text: str) -> np.ndarray:
+  """Token ids of the characters of ``text``, as an int32 array.
 
-    >>> CharVocabulary.from_text("hello").chars
-    ('e', 'h', 'l', 'o')
-    """
-    return cls(tuple(sorted(set(text))))
+  Raises:
+    KeyError: for a character outside ``vocab``.
 
-  def __len__(self) -> int:
-    return len(self.chars)
+  Example:
 
-  def encode(self, text: str) -> np.ndarray:
-    """Token ids of ``text`` as an int32 array.
+  >>> encode(char_vocabulary("ab"), "bab").tolist()
+  [1, 0, 1]
+  """
+  return np.asarray(vocab.encode(text), dtype=np.int32)
 
-    Raises:
-      ValueError: if ``text`` holds a character outside the vocabulary.
 
-    >>> CharVocabulary.from_text("ab").encode("bab").tolist()
-    [1, 0, 1]
-    """
-    index = {char: i for i, char in enumerate(self.chars)}
-    unknown = sorted(set(text) - index.keys())
-    if unknown:
-      raise ValueError(
-        f"characters {unknown} are not in the vocabulary"
-        f" {''.join(self.chars)!r}"
-      )
-    return np.array([index[char] for char in text], dtype=np.int32)
+def decode(vocab: ne.Vocabulary, ids: Iterable[int] | np.ndarray) -> str:
+  """The text of token ids (one character per id).
 
-  def decode(self, ids: Iterable[int]) -> str:
-    """The text of token ids.
-
-    >>> CharVocabulary.from_text("ab").decode([1, 0])
-    'ba'
-    """
-    return "".join(self.chars[int(i)] for i in ids)
-
-  def labels(self) -> list[str]:
-    """Printable labels of the tokens (a space shows as ``␣``).
-
-    >>> CharVocabulary.from_text("a b").labels()
-    ['␣', 'a', 'b']
-    """
-    return ["␣" if char == " " else char for char in self.chars]
+  >>> decode(char_vocabulary("ab"), [1, 0])
+  'ba'
+  """
+  return "".join(vocab.decode(ids))
 
 
 def windows_at(

@@ -1,7 +1,16 @@
-"""Training the demo model, evaluating it, and sampling text from it."""
+"""Training the demo model with optax, evaluating it, and sampling from it.
+
+Training follows penzai's way with optax: `pz.unbind_params` splits the
+model into its structure and its parameter values, `jax.grad` differentiates
+the loss with respect to the values, and an optax optimiser updates them.
+Progress is shown with `tqdm.auto.tqdm` (a widget in a notebook), and only
+on a terminal or in a notebook: written to a file or a pipe, training
+prints plain evaluation lines and no bar.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -10,16 +19,12 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import tqdm.auto
 from penzai import pz
 
-from named_embed.demo.adam import (
-  AdamState,
-  adam_init,
-  adam_update,
-  cosine_decay,
-)
-from named_embed.demo.model import cross_entropy
-from named_embed.demo.progress import ProgressBar, TrainingLog
+import named_embed as ne
+from named_embed.demo.model import model_loss
 from named_embed.demo.settings import (
   DEFAULT_BATCH_SIZE,
   DEFAULT_LEARNING_RATE,
@@ -31,33 +36,82 @@ from named_embed.demo.settings import (
   SAMPLE_LENGTH,
   SAMPLE_TEMPERATURE,
 )
-from named_embed.demo.text import CharVocabulary, windows_at
+from named_embed.demo.text import decode, encode, windows_at
+
+
+@dataclasses.dataclass
+class TrainingLog:
+  """What `train` measured.
+
+  Example:
+
+  >>> TrainingLog().evals
+  []
+
+  Attributes:
+    losses: Loss on each step's training batch, before that step's update.
+    evals: ``(step, train_loss, valid_loss)`` on fixed batches of the two
+      splits, at step 0, every ``log_every`` steps and at the last step.
+  """
+
+  losses: list[float] = dataclasses.field(default_factory=list)
+  evals: list[tuple[int, float, float]] = dataclasses.field(
+    default_factory=list
+  )
+
+
+@functools.cache
+def make_optimizer(
+  learning_rate: float = DEFAULT_LEARNING_RATE, total_steps: int = 1
+) -> optax.GradientTransformation:
+  """Adam whose learning rate follows a cosine from ``learning_rate`` to 0.
+
+  ``optax.adam`` with ``optax.cosine_decay_schedule`` over ``total_steps``.
+  The same arguments give the same object, so the jitted training step
+  (which takes the optimiser as a static argument) compiles once per
+  process for them. optax mixes Python floats with its int32 step count,
+  so its ``update`` needs JAX's standard dtype promotion (the default);
+  `make_train_step` asks for it.
+
+  Example:
+
+  >>> import optax
+  >>> optimizer = make_optimizer(0.1, total_steps=4)
+  >>> params = {"x": jnp.array(1.0)}
+  >>> state = optimizer.init(params)
+  >>> with jax.numpy_dtype_promotion("standard"):  # as in the training step
+  ...   updates, state = optimizer.update({"x": jnp.array(2.0)}, state, params)
+  >>> round(float(optax.apply_updates(params, updates)["x"]), 4)  # first step
+  0.9
+  >>> make_optimizer(0.1, total_steps=4) is optimizer
+  True
+  """
+  schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  return optax.adam(schedule)
 
 
 def make_train_step(
   unbound: Any,
+  optimizer: optax.GradientTransformation,
   *,
   batch_size: int,
   context: int,
-  learning_rate: float,
-  total_steps: int,
-) -> Callable[..., tuple[Any, AdamState, jax.Array]]:
-  """A jitted ``step(values, state, key, ids) -> (values, state, loss)``.
+) -> Callable[..., tuple[Any, Any, jax.Array, jax.Array]]:
+  """A jitted ``step(values, opt_state, key, ids)``.
 
-  The step draws ``batch_size`` random windows of ``ids`` (with ``key``
-  folded with the step count, so one key serves every step), computes the
-  loss and its gradient with respect to the parameter values, and applies
-  `adam_update` with a `cosine_decay` learning rate. All step functions
-  share one `jax.jit` cache, so models and batches of the same shapes
-  compile once.
+  The step splits ``key``, draws ``batch_size`` random windows of ``ids``
+  with one half, takes ``jax.value_and_grad`` of `model_loss` with respect
+  to the parameter values, and applies ``optimizer``. It returns
+  ``(values, opt_state, key, loss)``, ``key`` being the other half for the
+  next step: everything stays on the device, so steps are dispatched
+  without waiting for one another. Steps of the same model structure,
+  optimiser and shapes share one compilation.
 
   Args:
     unbound: The model with its parameters unbound (`pz.unbind_params`).
+    optimizer: An optax optimiser, e.g. from `make_optimizer`.
     batch_size: Windows per step.
     context: Window length of the model.
-    learning_rate: Adam step size at the start; it follows `cosine_decay`
-      down to 0 at ``total_steps``.
-    total_steps: Length of the schedule.
 
   Returns:
     The jitted step function.
@@ -68,47 +122,50 @@ def make_train_step(
   >>> model = init_model(ModelConfig(vocab_size=5, context=2, embedding=4,
   ...                                hidden=6))
   >>> unbound, values = pz.unbind_params(model, freeze=True)
-  >>> step = make_train_step(unbound, batch_size=4, context=2,
-  ...                        learning_rate=0.01, total_steps=3)
+  >>> optimizer = make_optimizer(0.01, total_steps=3)
+  >>> step = make_train_step(unbound, optimizer, batch_size=4, context=2)
   >>> ids = jnp.arange(40, dtype=jnp.int32) % 5
-  >>> state = jax.jit(adam_init)(values)
-  >>> values, state, loss = step(values, state, jax.random.key(0), ids)
-  >>> loss.shape, int(state.count)
-  ((), 1)
+  >>> opt_state = jax.jit(optimizer.init)(values)
+  >>> values, opt_state, key, loss = step(values, opt_state,
+  ...                                     jax.random.key(0), ids)
+  >>> loss.shape, [v.label for v in values][0]
+  ((), 'embed.embeddings')
   """
-
   return functools.partial(
     _train_step,
     unbound,
-    learning_rate=learning_rate,
-    total_steps=total_steps,
+    optimizer=optimizer,
     batch_size=batch_size,
     context=context,
   )
 
 
 def _loss(unbound, values, tokens, targets):
-  return cross_entropy(pz.bind_variables(unbound, values)(tokens), targets)
+  return model_loss(pz.bind_variables(unbound, values), tokens, targets)
 
 
 _loss_jit = jax.jit(_loss, compiler_options=FAST_COMPILE)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "context"))
+@functools.partial(
+  jax.jit, static_argnames=("optimizer", "batch_size", "context")
+)
 def _train_step(
-  unbound, values, state, key, ids, *, learning_rate, total_steps, **static
+  unbound, values, opt_state, key, ids, *, optimizer, batch_size, context
 ):
-  batch_size, context = static["batch_size"], static["context"]
-  key = jax.random.fold_in(key, state.count)
+  key, batch_key = jax.random.split(key)
   high = ids.shape[0] - context
-  starts = jax.random.randint(key, (batch_size,), 0, high, jnp.int32)
+  starts = jax.random.randint(batch_key, (batch_size,), 0, high, jnp.int32)
   tokens, targets = windows_at(ids, starts, context)
   loss, grads = jax.value_and_grad(_loss, argnums=1)(
     unbound, values, tokens, targets
   )
-  rate = cosine_decay(learning_rate, state.count, total_steps)
-  values, state = adam_update(grads, state, values, rate)
-  return values, state, loss
+  # optax mixes Python floats with its int32 step count (Adam's bias
+  # correction, the schedule), which strict dtype promotion rejects.
+  with jax.numpy_dtype_promotion("standard"):
+    updates, opt_state = optimizer.update(grads, opt_state, values)
+  values = optax.apply_updates(values, updates)
+  return values, opt_state, key, loss
 
 
 def make_evaluator(
@@ -151,6 +208,34 @@ def make_evaluator(
   return evaluate
 
 
+def progress_bar(total: int, file: TextIO | None = None) -> Any:
+  """A `tqdm.auto.tqdm` bar of ``total`` steps, off outside terminals.
+
+  In a notebook the bar is a widget. Elsewhere it is drawn on ``file``
+  (default ``sys.stderr``) if that is a terminal (``file.isatty()``), and
+  disabled otherwise (tqdm's ``disable=None``): a log file or a pipe then
+  receives no bar and no carriage returns.
+
+  Example (a `io.StringIO` is not a terminal):
+
+  >>> import io
+  >>> out = io.StringIO()
+  >>> with progress_bar(3, out) as bar:
+  ...   bar.update(3)
+  >>> bar.disable, out.getvalue()
+  (True, '')
+  """
+  return tqdm.auto.tqdm(
+    total=total,
+    desc="train",
+    unit="step",
+    file=file,
+    disable=None,
+    leave=False,
+    dynamic_ncols=True,
+  )
+
+
 def train(
   model: pz.nn.Sequential,
   train_ids: np.ndarray,
@@ -165,20 +250,22 @@ def train(
   stream: TextIO | None = None,
   progress: TextIO | None = None,
 ) -> tuple[pz.nn.Sequential, TrainingLog]:
-  """Trains ``model`` with Adam, printing the loss and drawing a progress bar.
+  """Trains ``model`` with optax Adam, printing the loss as it falls.
 
   Args:
     model: A model with `pz.Parameter` objects, from `build_model`.
     train_ids: Token ids to train on.
     valid_ids: Held-out token ids, only evaluated.
     context: Window length of the model.
-    steps: Number of Adam steps.
+    steps: Number of optimiser steps.
     batch_size: Windows per step.
-    learning_rate: Initial Adam step size (cosine-decayed to 0).
+    learning_rate: Initial Adam step size (cosine-decayed to 0, see
+      `make_optimizer`).
     seed: Seed of the batches.
     log_every: Print the losses every this many steps (default: steps // 6).
     stream: Where the loss lines go (default ``sys.stdout``).
-    progress: Where the progress bar goes (default ``sys.stderr``).
+    progress: Where the progress bar goes (default ``sys.stderr``); no bar
+      is drawn unless it is a terminal (see `progress_bar`).
 
   Returns:
     ``(trained_model, log)``; the trained model holds new `pz.Parameter`
@@ -200,75 +287,47 @@ def train(
   step    0/3  train loss ...  valid loss ...
   """
   unbound, values = pz.unbind_params(model, freeze=True)
+  optimizer = make_optimizer(learning_rate, steps)
   step = make_train_step(
-    unbound,
-    batch_size=batch_size,
-    context=context,
-    learning_rate=learning_rate,
-    total_steps=steps,
+    unbound, optimizer, batch_size=batch_size, context=context
   )
   evaluate = make_evaluator(
     unbound, [train_ids, valid_ids], context=context, seed=seed
   )
-  values, log = _run_steps(
-    step,
-    evaluate,
-    values,
-    train_ids,
-    seed=seed,
-    log_every=log_every or max(1, steps // 6),
-    bar=ProgressBar(steps, sys.stderr if progress is None else progress),
-    stream=sys.stdout if stream is None else stream,
-  )
-  return pz.bind_variables(unbound, values, unfreeze_as_copy=True), log
+  stream = sys.stdout if stream is None else stream
+  log_every = log_every or max(1, steps // 6)
+  log = TrainingLog()
 
-
-def _run_steps(
-  step: Callable[..., tuple[Any, AdamState, jax.Array]],
-  evaluate: Callable[[Any], list[float]],
-  values: Any,
-  train_ids: np.ndarray,
-  *,
-  seed: int,
-  log_every: int,
-  bar: ProgressBar,
-  stream: TextIO,
-) -> tuple[Any, TrainingLog]:
-  """The loop of `train`: ``bar.total`` steps of ``step`` from ``values``.
-
-  The losses are evaluated, logged and printed at step 0, every
-  ``log_every`` steps and at the last step.
-
-  Returns:
-    ``(final_values, log)``.
-  """
-  steps, log = bar.total, TrainingLog()
-
-  def record(i, values):
+  def record(i, values, bar):
     train_loss, valid_loss = evaluate(values)
     log.evals.append((i, train_loss, valid_loss))
     bar.write(
       f"step {i:>4}/{steps}  train loss {train_loss:.3f}"
       f"  valid loss {valid_loss:.3f}",
-      stream,
+      file=stream,
     )
+    stream.flush()
 
-  record(0, values)
   ids, key = jnp.asarray(train_ids), jax.random.key(seed)
-  state = jax.jit(adam_init)(values)  # one compile, not one per parameter
-  for i in range(1, steps + 1):
-    values, state, loss = step(values, state, key, ids)
-    log.losses.append(float(loss))
-    bar.update(loss=log.losses[-1])
-    if i % log_every == 0 or i == steps:
-      record(i, values)
-  bar.close()
-  return values, log
+  opt_state = jax.jit(optimizer.init)(values)  # one compile for all params
+  losses = []
+  with progress_bar(steps, progress) as bar:
+    record(0, values, bar)
+    for i in range(1, steps + 1):
+      values, opt_state, key, loss = step(values, opt_state, key, ids)
+      losses.append(loss)
+      bar.update()
+      if not bar.disable and i % 10 == 0:  # waits for the step: only if shown
+        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+      if i % log_every == 0 or i == steps:
+        record(i, values, bar)
+  log.losses = [float(loss) for loss in jax.device_get(losses)]
+  return pz.bind_variables(unbound, values, unfreeze_as_copy=True), log
 
 
 def generate(
   model: pz.nn.Sequential,
-  vocab: CharVocabulary,
+  vocab: ne.Vocabulary,
   prompt: str = DEFAULT_PROMPT,
   *,
   context: int,
@@ -280,8 +339,9 @@ def generate(
 
   Args:
     model: The model (with `pz.Parameter` objects or frozen values).
-    vocab: Its vocabulary; ``prompt`` and a space must be in it (a short
-      prompt is padded with spaces on the left).
+    vocab: Its `named_embed.Vocabulary` of characters; ``prompt`` and a
+      space must be in it (a short prompt is padded with spaces on the
+      left).
     prompt: The start of the text.
     context: Window length of the model.
     length: Number of characters to add.
@@ -294,7 +354,8 @@ def generate(
   Example:
 
   >>> from named_embed.demo.model import ModelConfig, init_model
-  >>> vocab = CharVocabulary.from_text("abcd ")
+  >>> from named_embed.demo.text import char_vocabulary
+  >>> vocab = char_vocabulary("abcd ")
   >>> model = init_model(ModelConfig(vocab_size=5, context=2, embedding=4,
   ...                                hidden=6))
   >>> text = generate(model, vocab, "ab", context=2, length=5)
@@ -302,10 +363,10 @@ def generate(
   (7, True)
   """
   unbound, values = pz.unbind_params(model, freeze=True)
-  window = jnp.asarray(vocab.encode(prompt.rjust(context)[-context:]))
+  window = jnp.asarray(encode(vocab, prompt.rjust(context)[-context:]))
   key = jax.random.key(seed)
   ids = _sample(unbound, values, window, key, temperature, length=length)
-  return prompt + vocab.decode(np.asarray(ids))
+  return prompt + decode(vocab, np.asarray(ids))
 
 
 @functools.partial(

@@ -82,7 +82,7 @@ def host_rows(table: EmbeddingTable) -> np.ndarray:
 
 
 def flat_host_rows(table: EmbeddingTable, target: str) -> np.ndarray:
-  """The token rows (padding rows left out) of a table with one embedding
+  """The token rows (alignment rows left out) of a table with one embedding
   axis, on the host; refuses the others.
 
   ``target`` names the format in the error message (e.g. ``"word2vec"``).

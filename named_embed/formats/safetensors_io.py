@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from penzai import pz
 
+from named_embed import _table_arrays
 from named_embed.formats._atomic import replacing
 from named_embed.formats._common import (
   VocabularyLike,
@@ -136,7 +136,7 @@ def load(
     embedding_axes=spec["embedding_axes"],
     padding_index=None if padded else spec["padding_index"],
   )
-  if padded:  # padding rows at the end: the vocabulary covers the rest
+  if padded:  # alignment rows at the end: the vocabulary covers the rest
     try:
       table = dataclasses.replace(
         table,
@@ -151,9 +151,8 @@ def load(
   if kind == "array":
     return table
   label = spec["label"] or "embeddings.embeddings"
-  holder = pz.Parameter if kind == "parameter" else pz.ParameterValue
   return dataclasses.replace(
-    table, embeddings=holder(value=table.value, label=label)
+    table, embeddings=_table_arrays.hold(kind, table.value, label)
   )
 
 
@@ -288,12 +287,7 @@ def _missing_key_message(path: str, key: str, keys: list[str]) -> str:
 
 def _table_metadata(table: EmbeddingTable) -> dict[str, str]:
   embeddings = table.embeddings
-  if isinstance(embeddings, pz.Parameter):
-    kind = "parameter"
-  elif isinstance(embeddings, pz.ParameterValue):
-    kind = "parameter_value"
-  else:
-    kind = "array"
+  kind = _table_arrays.holder_kind(embeddings)
   metadata = {
     "named_embed": FORMAT_VERSION,
     "vocabulary_axis": table.vocabulary_axis,
