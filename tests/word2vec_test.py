@@ -7,8 +7,11 @@ The input files are written byte by byte here (the binary ones with
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -16,7 +19,7 @@ import pytest
 
 import named_embed as ne
 from named_embed import formats
-from named_embed.formats import _progress, word2vec
+from named_embed.formats import word2vec
 
 TOKENS = ["the", "cat", "naïve", "東京", "a\u00a0b"]  # NBSP is not a separator
 VECTORS = np.array(
@@ -332,18 +335,95 @@ def test_errors_say_when_the_layout_was_guessed(tmp_path):
 # ---------------------------------------------------------------- progress
 
 
-def test_progress_bar_only_for_large_files_or_on_request(
+class Terminal(io.StringIO):
+  """A stderr that says it is a terminal."""
+
+  def isatty(self) -> bool:
+    return True
+
+
+def test_progress_bar_on_a_terminal_for_large_files_or_on_request(
+  tmp_path, monkeypatch
+):
+  path = text_file(tmp_path, text_lines())
+
+  def shown(**kwargs) -> str:
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    formats.load_word2vec(path, **kwargs)
+    return sys.stderr.getvalue()
+
+  assert shown() == ""
+  bar = shown(progress=True)  # tqdm's, redrawn in place
+  assert bar.startswith("\rvectors.txt:   0%|") and bar.endswith("\n")
+  assert bar.rstrip().split("\r")[-1].startswith("vectors.txt: 100%|")
+  monkeypatch.setattr(word2vec, "LARGE_FILE_BYTES", 10)
+  assert "100%" in shown()
+  assert shown(progress=False) == ""
+
+
+def test_progress_into_a_log_is_plain_lines_on_request_only(
   tmp_path, capsys, monkeypatch
 ):
   path = text_file(tmp_path, text_lines())
-  formats.load_word2vec(path)
-  assert capsys.readouterr().err == ""
-  formats.load_word2vec(path, progress=True)
-  err = capsys.readouterr().err
-  assert err.startswith("\rvectors.txt [") and err.endswith("100% 0.0/0.0 MB\n")
-  monkeypatch.setattr(_progress, "LARGE_FILE_BYTES", 10)
-  formats.load_word2vec(path)
-  assert "100%" in capsys.readouterr().err
+  monkeypatch.setattr(word2vec, "LARGE_FILE_BYTES", 10)
+  formats.load_word2vec(path)  # large, but stderr is not a terminal
   formats.load_word2vec(path, progress=False)
-  captured = capsys.readouterr()
-  assert captured.err == "" and captured.out == ""
+  assert capsys.readouterr() == ("", "")
+  formats.load_word2vec(path, progress=True)
+  lines = capsys.readouterr().err.splitlines(keepends=True)
+  assert [line[:18] for line in lines] == [
+    "vectors.txt:   0% ",  # when it starts
+    "vectors.txt: 100% ",  # at the end
+  ]
+  assert all(line.endswith("]\n") and "\r" not in line for line in lines)
+
+
+def test_progress_lines_in_a_log_are_periodic(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(word2vec, "LOG_LINE_SECONDS", 0.0)
+  rows = [f"w{i} {i} 1.5" for i in range(3000)]
+  formats.load_word2vec(text_file(tmp_path, rows), progress=True)
+  lines = capsys.readouterr().err.splitlines()
+  percents = [int(line.split(":")[1].split("%")[0]) for line in lines]
+  assert len(lines) >= 4 and percents == sorted(percents)  # every 1024 rows
+  assert percents[0] == 0 and percents[-1] == 100
+
+
+def test_progress_ends_its_line_when_reading_fails(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, "stderr", Terminal())
+  with pytest.raises(ValueError, match="line 3"):
+    load_text(tmp_path, ["2 3", "a 1 2 3", "b 1 2"], progress=True)
+  assert sys.stderr.getvalue().endswith("\n")
+
+
+PIPED = """
+import sys
+from named_embed import formats
+from named_embed.formats import word2vec
+
+word2vec.LARGE_FILE_BYTES = 0  # every file is large
+for path in sys.argv[1:]:
+  formats.load_word2vec(path)
+  print("default done", file=sys.stderr, flush=True)
+  formats.load_word2vec(path, progress=True)
+"""
+
+
+def test_progress_piped_to_another_process_has_no_carriage_return(tmp_path):
+  paths = [text_file(tmp_path, text_lines()), binary_file(tmp_path)]
+  run = subprocess.run(
+    [sys.executable, "-c", PIPED, *paths],
+    capture_output=True,  # pipes, not terminals
+    check=True,
+    timeout=120,
+  )
+  err = run.stderr.decode()
+  assert "\r" not in err
+  ours = [line for line in err.splitlines() if line.startswith(("v", "d"))]
+  assert [line[:18] for line in ours] == [
+    "default done",  # nothing, although the file counts as large
+    "vectors.txt:   0% ",
+    "vectors.txt: 100% ",
+    "default done",
+    "vectors.bin:   0% ",
+    "vectors.bin: 100% ",
+  ]

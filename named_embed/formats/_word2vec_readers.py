@@ -7,15 +7,16 @@ line (text) or record and byte offset (binary) of the first problem.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 import numpy as np
 
-from named_embed.formats._progress import ByteProgress
-
 _CHUNK = 1 << 20
 _MAX_TOKEN_BYTES = 1 << 16
+
+Progress = Callable[[int], None]
+"""Told how many bytes of the file have been read so far (for a bar)."""
 
 
 class Rows:
@@ -116,18 +117,28 @@ def read_text(
   first_line: int,
   limit: int | None,
   dtype: np.dtype,
-  progress: ByteProgress,
+  offset: int = 0,
+  progress: Progress | None = None,
 ) -> tuple[list[str], np.ndarray]:
-  """Reads ``token v1 ... vD`` lines; empty lines are skipped."""
+  """Reads ``token v1 ... vD`` lines; empty lines are skipped.
+
+  ``offset`` is the number of bytes before the first line (the header),
+  for ``progress``, which is told the bytes read every 1024 lines.
+
+  >>> read_text([b"a 1 2\\n", b"\\n", b"b 3 4\\n"], header=None,
+  ...           first_line=1, limit=None, dtype=np.dtype(np.float32))
+  (['a', 'b'], array([[1., 2.],
+         [3., 4.]], dtype=float32))
+  """
   count, dim = header if header is not None else (None, None)
   wanted = _wanted(count, limit)
   rows = None
-  consumed = progress.done
+  consumed = offset
   number = first_line - 1
   for number, raw in enumerate(lines, start=first_line):
     consumed += len(raw)
-    if number % 1024 == 0:
-      progress.update(consumed)
+    if progress is not None and number % 1024 == 0:
+      progress(consumed)
     if raw in (b"\n", b"\r\n"):
       continue
     if rows is not None and len(rows) == wanted:
@@ -157,9 +168,19 @@ def read_text(
 
 
 class ByteStream:
-  """Buffered reads of a binary file, keeping track of the byte offset."""
+  """Buffered reads of a binary file, keeping track of the byte offset.
 
-  def __init__(self, f: BinaryIO, offset: int, progress: ByteProgress):
+  ``progress``, if given, is told the bytes read after each chunk.
+
+  >>> import io
+  >>> stream = ByteStream(io.BytesIO(b"cat 1234"), offset=0)
+  >>> stream.until_space(), stream.take(4), stream.offset
+  (b'cat', b'1234', 8)
+  """
+
+  def __init__(
+    self, f: BinaryIO, offset: int, progress: Progress | None = None
+  ):
     self.f = f
     self.progress = progress
     self.buffer = b""
@@ -177,7 +198,8 @@ class ByteStream:
     self.base += self.pos
     self.buffer = self.buffer[self.pos :] + data
     self.pos = 0
-    self.progress.update(self.base + len(self.buffer))
+    if self.progress is not None:
+      self.progress(self.base + len(self.buffer))
     return True
 
   def until_space(self) -> bytes | None:

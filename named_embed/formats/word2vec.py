@@ -16,10 +16,13 @@ whitespace, are kept as they are.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import os
 import re
-from typing import BinaryIO
+import sys
+from collections.abc import Iterator
+from typing import BinaryIO, TextIO
 
 import jax
 import numpy as np
@@ -28,7 +31,6 @@ from named_embed._validation import check_float_dtype, check_positive_int
 from named_embed.formats import _word2vec_readers as readers
 from named_embed.formats._atomic import replacing
 from named_embed.formats._common import build_table, flat_host_rows
-from named_embed.formats._progress import ByteProgress, wants_progress
 from named_embed.table import EmbeddingTable
 from named_embed.vocabulary import Vocabulary
 
@@ -36,6 +38,11 @@ _BOM = codecs.BOM_UTF8
 _HEADER = re.compile(rb"[ \t]*(\d+)[ \t]+(\d+)[ \t]*\r?\n?")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ROWS_PER_CHUNK_VALUES = 1 << 18
+
+LARGE_FILE_BYTES = 50 * 1024 * 1024
+"""Reading files larger than this shows progress when ``progress=None``."""
+LOG_LINE_SECONDS = 10.0
+"""Progress written to a log or pipe: a line at most this often."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +84,13 @@ def load_word2vec(
     freeze: Frozen (default) or trainable, as in
       `EmbeddingTable.from_pretrained`.
     name: Parameter label prefix when ``freeze=False``.
-    progress: Draw a progress bar on stderr; None (default) draws one for
-      files over 50 MB only.
+    progress: Show the progress of reading, on stderr, with
+      `tqdm.auto.tqdm`: a bar redrawn in place on a terminal, a widget in
+      a notebook. Into a log or a pipe (stderr not a terminal) ``True``
+      writes plain lines instead, never a carriage return: one when
+      reading starts, one every 10 seconds, one at the end. None
+      (default): a bar on a terminal or in a notebook, for files over
+      50 MB only; nothing into a log or a pipe. False: nothing.
 
   Returns:
     A table with the file's tokens as its `Vocabulary` (no special roles
@@ -108,17 +120,14 @@ def load_word2vec(
   if limit is not None:
     limit = check_positive_int("limit", limit)
   size = os.path.getsize(path)
-  bar = ByteProgress(size, path, enabled=wants_progress(progress, size))
   layout = None
   try:
-    with open(path, "rb") as f:
+    with _progress(path, size, progress) as report, open(path, "rb") as f:
       layout = _layout(f, size, binary, no_header)
-      tokens, rows = _read_body(f, layout, limit, dtype, bar)
-    bar.update(size)
+      tokens, rows = _read_body(f, layout, limit, dtype, report)
+      report(size)
   except ValueError as error:
     raise ValueError(f"{path}: {error}{_guess_note(layout)}") from None
-  finally:
-    bar.close()
   return build_table(
     rows,
     source=path,
@@ -189,11 +198,11 @@ def _read_body(
   layout: _Layout,
   limit: int | None,
   dtype: np.dtype,
-  bar: ByteProgress,
+  report: readers.Progress,
 ) -> tuple[list[str], np.ndarray]:
-  bar.update(layout.body)
+  report(layout.body)
   if layout.binary:
-    stream = readers.ByteStream(f, layout.body, bar)
+    stream = readers.ByteStream(f, layout.body, report)
     return readers.read_binary(
       stream, header=layout.header, limit=limit, dtype=dtype
     )
@@ -203,8 +212,97 @@ def _read_body(
     first_line=1 if layout.header is None else 2,
     limit=limit,
     dtype=dtype,
-    progress=bar,
+    offset=layout.body,
+    progress=report,
   )
+
+
+# ----------------------------------------------------------------- progress
+
+
+@contextlib.contextmanager
+def _progress(
+  path: str, size: int, progress: bool | None
+) -> Iterator[readers.Progress]:
+  """Yields ``report(bytes_read)``, shown as ``progress=`` asks (see above).
+
+  The bar is `tqdm.auto.tqdm` on stderr; it is closed (and its line ended)
+  when the block ends, also on errors.
+  """
+  stream = sys.stderr
+  if not (size > LARGE_FILE_BYTES if progress is None else progress):
+    yield lambda done: None
+    return
+  from tqdm import asyncio as tqdm_asyncio
+  from tqdm import auto as tqdm_auto
+  from tqdm import std as tqdm_std
+
+  # tqdm.auto is the console tqdm unless it found a notebook (a widget).
+  in_notebook = tqdm_auto.tqdm is not tqdm_asyncio.tqdm
+  redrawn = in_notebook or _is_terminal(stream)
+  if progress is None and not redrawn:  # no bar into logs unless asked
+    yield lambda done: None
+    return
+  settings = dict(
+    total=size,
+    desc=os.path.basename(path) or path,
+    unit="B",
+    unit_scale=True,
+    unit_divisor=1024,
+  )
+  if redrawn:
+    bar = tqdm_auto.tqdm(file=stream, **settings)
+  else:  # a log or a pipe: plain lines, no carriage returns
+    bar = tqdm_std.tqdm(
+      file=_LogLines(stream),
+      mininterval=LOG_LINE_SECONDS,
+      bar_format="{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt}"
+      " [{elapsed}<{remaining}, {rate_fmt}]",
+      **settings,
+    )
+  with bar:
+    yield lambda done: bar.update(max(done - bar.n, 0))
+
+
+def _is_terminal(stream: TextIO) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):  # no isatty, or closed
+    return False
+
+
+class _LogLines:
+  """A file for tqdm that writes each redraw as a line of its own.
+
+  For logs and pipes: tqdm redraws its bar in place, starting each state
+  with a carriage return; this drops the carriage returns (and the padding
+  spaces) and ends every state with a newline.
+
+  >>> import io
+  >>> out = io.StringIO()
+  >>> lines = _LogLines(out)
+  >>> _ = lines.write("\\rvectors.txt:  50% 1.00k/2.00k   ")
+  >>> _ = lines.write("\\rvectors.txt: 100% 2.00k/2.00k")
+  >>> _ = lines.write("\\n")
+  >>> print(out.getvalue(), end="")
+  vectors.txt:  50% 1.00k/2.00k
+  vectors.txt: 100% 2.00k/2.00k
+  """
+
+  def __init__(self, stream: TextIO):
+    self.stream = stream
+
+  def write(self, text: str) -> int:
+    """Writes the non-blank states in ``text``, one line each."""
+    for state in text.split("\r"):
+      state = state.strip()
+      if state:
+        self.stream.write(state + "\n")
+    return len(text)
+
+  def flush(self) -> None:
+    """Flushes the stream."""
+    self.stream.flush()
 
 
 # ------------------------------------------------------------------- saving
@@ -224,6 +322,10 @@ def save_word2vec(
   round-trip exactly (load bfloat16/float16 with ``dtype=``). Binary files
   store float32: bfloat16 and float16 widen exactly; float64 is refused.
   Kept: tokens and values. Not kept: axis names, padding index, roles.
+  The file is written beside ``path`` under a temporary name and renamed
+  over it when complete, so an interrupted save leaves the previous file
+  (or none); the next save of ``path`` deletes the temporaries of saves
+  that were killed, never those of saves still running (docs/formats.md).
 
   Args:
     table: A table with one embedding axis and a vocabulary.
