@@ -23,6 +23,7 @@ from named_embed.formats import save as save
 from named_embed.formats import save_word2vec as save_word2vec
 from named_embed.formats import to_brainstate_weight as to_brainstate_weight
 from named_embed.formats import to_flax as to_flax
+from named_embed.formats import to_safetensors as to_safetensors
 from named_embed.formats import to_torch_weight as to_torch_weight
 from named_embed.inspection import analogy as analogy
 from named_embed.inspection import nearest as nearest
@@ -30,6 +31,7 @@ from named_embed.inspection import similarity as similarity
 from named_embed.lookup import EmbeddingLookup as EmbeddingLookup
 from named_embed.lookup import lookup as lookup
 from named_embed.loss import decode_cross_entropy as decode_cross_entropy
+from named_embed.model_tables import replace_table as replace_table
 from named_embed.rendering import show as show
 from named_embed.rendering import summarize as summarize
 from named_embed.sharding import shard as shard
@@ -56,6 +58,7 @@ __all__ = [
   "load_word2vec",
   "lookup",
   "nearest",
+  "replace_table",
   "save",
   "save_word2vec",
   "shard",
@@ -66,5 +69,6 @@ __all__ = [
   "summarize",
   "to_brainstate_weight",
   "to_flax",
+  "to_safetensors",
   "to_torch_weight",
 ]

@@ -481,6 +481,77 @@ class EmbeddingTable(pz.Struct):
       self, vocabulary=vocabulary, padding_index=padding_index
     )
 
+  def with_added_tokens(
+    self,
+    tokens: list[str],
+    init: Any = "mean",
+    *,
+    key: jax.Array | None = None,
+    roles: Mapping[str, str] | None = None,
+    pad_to_multiple: int | None = None,
+  ) -> EmbeddingTable:
+    """Returns the table with new, distinct ``tokens`` in its vocabulary.
+
+    New ids follow the old ones; old rows are kept bit for bit; alignment
+    rows are filled first (and initialised), and rows are added only to
+    keep the multiple (`named_embed.resizing.row_multiple`). The holder
+    (parameter label, frozen array) and sharding are kept; put the result
+    in a model with `named_embed.replace_table`.
+
+    Args:
+      tokens: The new token strings.
+      init: ``"mean"`` (float32 mean of the token rows, pad row left out:
+        each new token's probability is then at most 1/V), ``"zeros"``,
+        ``"normal"`` (N(0, s^2), s the std of the token rows' entries), an
+        initializer ``(key, shape, dtype)`` or penzai's, or the new rows.
+      key: Random key for ``"normal"`` and initializers.
+      roles: Roles to set, e.g. ``{"pad": "<pad>"}`` (sets padding_index).
+      pad_to_multiple: Keep the row count a multiple of this instead.
+
+    Raises:
+      ValueError: for a table without a vocabulary (use `resized`), or a
+        token already in it or repeated (named in the message).
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(
+    ...     np.array([[0, 0], [1, 2], [3, 4]], np.float32), padding_index=0
+    ... ).with_vocabulary(ne.Vocabulary(["<pad>", "a", "b"]))
+    >>> bigger = table.with_added_tokens(["<tool>", "</tool>"])
+    >>> bigger.vocabulary.encode(["<tool>"]), bigger.rows_array()[3].tolist()
+    ([3], [2.0, 3.0])
+    """
+    from named_embed import resizing
+
+    return resizing.add_tokens(
+      self, tokens, init, key=key, roles=roles, pad_to_multiple=pad_to_multiple
+    )
+
+  def resized(
+    self,
+    vocab_size: int,
+    init: Any = "mean",
+    *,
+    key: jax.Array | None = None,
+    pad_to_multiple: int | None = None,
+  ) -> EmbeddingTable:
+    """Returns the table with its first ``vocab_size`` tokens, or with rows
+    appended (initialised as in `with_added_tokens`, whose rules hold).
+
+    The size counts tokens, never alignment rows. Raises `ValueError` if
+    shrinking would drop the pad row or a special token (named), or if a
+    table with a vocabulary would grow (use `with_added_tokens`).
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((6, 2), np.float32))
+    >>> table.resized(4).vocab_size, table.resized(9, "zeros").vocab_size
+    (4, 9)
+    """
+    from named_embed import resizing
+
+    return resizing.resize(
+      self, vocab_size, init, key=key, pad_to_multiple=pad_to_multiple
+    )
+
   def renormalized(
     self, max_norm: float, norm_type: float = 2.0
   ) -> EmbeddingTable:

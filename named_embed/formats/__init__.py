@@ -3,7 +3,9 @@
 - `save` / `load`: a whole table (values bit for bit, axis names, padding
   index, vocabulary) in one safetensors file, written atomically;
 - `from_safetensors`: one tensor of a model checkpoint, e.g. BERT's
-  ``embeddings.word_embeddings.weight``, with its ``vocab.txt``;
+  ``embeddings.word_embeddings.weight``, with its ``vocab.txt`` (a single
+  file, or a sharded checkpoint's directory or index);
+- `to_safetensors`: a table's rows as a plain tensor any reader loads;
 - `load_word2vec` / `save_word2vec`: word2vec text and binary, GloVe;
 - `from_flax` / `to_flax`, `from_torch` / `from_torch_weight` /
   `to_torch_weight`, `from_brainstate` / `to_brainstate_weight`: other
@@ -12,6 +14,7 @@
 See ``docs/formats.md`` for what each format keeps and refuses.
 """
 
+from named_embed.formats.checkpoints import to_safetensors as to_safetensors
 from named_embed.formats.converters import from_brainstate as from_brainstate
 from named_embed.formats.converters import from_flax as from_flax
 from named_embed.formats.converters import from_torch as from_torch
@@ -43,5 +46,6 @@ __all__ = [
   "save_word2vec",
   "to_brainstate_weight",
   "to_flax",
+  "to_safetensors",
   "to_torch_weight",
 ]

@@ -32,9 +32,11 @@ from typing import Any
 import numpy as np
 
 from named_embed import _table_arrays
+from named_embed.formats import checkpoints
 from named_embed.formats._atomic import replacing
 from named_embed.formats._common import (
   VocabularyLike,
+  as_vocabulary,
   available,
   build_table,
   host_rows,
@@ -166,15 +168,19 @@ def from_safetensors(
   padding_index: int | None = None,
   freeze: bool = True,
   name: str = "embeddings",
+  true_vocab_size: int | None = None,
 ) -> EmbeddingTable:
   """Reads one tensor of a model checkpoint as an `EmbeddingTable`.
 
   Only the header and the tensor ``key`` are read, so taking the word
   embeddings of a large checkpoint costs the size of that tensor. Its
-  first axis is the vocabulary.
+  first axis is the vocabulary. A sharded checkpoint (several files and a
+  ``*.safetensors.index.json``) is read through its index: only the file
+  holding ``key`` is opened (`named_embed.formats.checkpoints`).
 
   Args:
-    path: A ``.safetensors`` file (e.g. a Hugging Face ``model.safetensors``).
+    path: A ``.safetensors`` file (e.g. a Hugging Face ``model.safetensors``),
+      a checkpoint directory, or a ``*.safetensors.index.json`` index.
     key: The tensor, e.g. ``"embeddings.word_embeddings.weight"`` (BERT) or
       ``"model.embed_tokens.weight"`` (Llama).
     vocabulary: A `Vocabulary`, or a path to a ``vocab.txt`` /
@@ -187,15 +193,19 @@ def from_safetensors(
     freeze: Frozen (default) or trainable, as in
       `EmbeddingTable.from_pretrained`.
     name: Parameter label prefix when ``freeze=False``.
+    true_vocab_size: The number of tokens when the tensor has alignment
+      rows after them (Gemma 3: 262,145 tokens in 262,208 rows); the
+      vocabulary then covers the tokens only. Default: every row a token.
 
   Returns:
     The table, with the vocabulary attached if one was given.
 
   Raises:
-    FileNotFoundError: if ``path`` (or the vocabulary file) is missing.
-    ValueError: for a corrupt file, a ``key`` the file does not hold (the
-      message lists those it does), or a vocabulary whose length is not
-      the tensor's number of rows.
+    FileNotFoundError: if ``path`` (or the vocabulary file, or the file an
+      index names) is missing.
+    ValueError: for a corrupt file or index, a ``key`` the checkpoint does
+      not hold (the message names the files looked in and lists the
+      tensors), or a vocabulary whose length is not the number of tokens.
     TypeError: for a non-floating tensor.
 
   Example:
@@ -214,18 +224,29 @@ def from_safetensors(
   >>> table.vocab_size, table.padding_index, table.vocabulary.token(1)
   (3, 0, 'hello')
   """
-  path = os.fspath(path)
-  rows, _ = _read_tensor(path, key, table_file=False)
-  return build_table(
-    rows,
-    source=f"{path}, tensor {key!r}",
-    vocabulary=vocabulary,
-    vocabulary_axis=vocabulary_axis,
-    embedding_axes=embedding_axes,
-    padding_index=padding_index,
-    freeze=freeze,
-    name=name,
-  )
+  file = checkpoints.tensor_file(path, key)
+  rows, _ = _read_tensor(file, key, table_file=False)
+  source = f"{file}, tensor {key!r}"
+  vocabulary = as_vocabulary(vocabulary)
+  aligned = true_vocab_size is not None
+  try:
+    table = build_table(
+      rows,
+      source=source,
+      vocabulary=None if aligned else vocabulary,
+      vocabulary_axis=vocabulary_axis,
+      embedding_axes=embedding_axes,
+      padding_index=None if aligned else padding_index,
+      freeze=freeze,
+      name=name,
+    )
+  except ValueError as error:
+    raise checkpoints.explained(error, vocabulary, len(rows)) from None
+  if aligned:
+    table = checkpoints.with_alignment_rows(
+      table, true_vocab_size, vocabulary, padding_index, source
+    )
+  return table
 
 
 # ------------------------------------------------------------------ reading
