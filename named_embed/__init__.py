@@ -30,21 +30,30 @@ from named_embed.inspection import nearest as nearest
 from named_embed.inspection import similarity as similarity
 from named_embed.lookup import EmbeddingLookup as EmbeddingLookup
 from named_embed.lookup import lookup as lookup
+from named_embed.lora import LoraTable as LoraTable
 from named_embed.loss import decode_cross_entropy as decode_cross_entropy
 from named_embed.model_tables import replace_table as replace_table
+from named_embed.pooling import EmbeddingBag as EmbeddingBag
+from named_embed.pooling import pooled_lookup as pooled_lookup
+from named_embed.quantized import QuantizedTable as QuantizedTable
 from named_embed.rendering import show as show
 from named_embed.rendering import summarize as summarize
 from named_embed.sharding import shard as shard
 from named_embed.sharding import sharded_init as sharded_init
 from named_embed.table import EmbeddingTable as EmbeddingTable
+from named_embed.trainable_rows import TrainableRowsTable as TrainableRowsTable
 from named_embed.vocabulary import Vocabulary as Vocabulary
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "EmbeddingBag",
   "EmbeddingDecode",
   "EmbeddingLookup",
   "EmbeddingTable",
+  "LoraTable",
+  "QuantizedTable",
+  "TrainableRowsTable",
   "Vocabulary",
   "analogy",
   "decode",
@@ -58,6 +67,7 @@ __all__ = [
   "load_word2vec",
   "lookup",
   "nearest",
+  "pooled_lookup",
   "replace_table",
   "save",
   "save_word2vec",

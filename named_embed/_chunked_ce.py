@@ -24,6 +24,13 @@ target, ``eps`` the label smoothing and ``lse = logsumexp(z)``::
 `local_stats` / `combine_stats` / `local_grads` are shared with the
 vocabulary-parallel loss (`named_embed._vocab_parallel`), where each device
 runs them on its own rows and combines the statistics with collectives.
+
+``table`` is either the raw rows or a *reader* of a compressed or adapted
+table (`named_embed._row_source.Reader`: ``num_rows``, ``rows(start,
+size)``, ``zero_grads()``, ``add_grads(grads, start, size, d_chunk)``),
+which makes each chunk's float rows from its own arrays (dequantising, or
+adding adapters) and pulls each chunk's gradient back to its trainable
+arrays; `source_cross_entropy` is the loss on such a table.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ def _runs(num_rows: int, chunk_size: int) -> list[tuple[int, int, int]]:
   return runs
 
 
-def _over_chunks(step, carry, num_rows: int, chunk_size: int):
+def over_chunks(step, carry, num_rows: int, chunk_size: int):
   """Folds ``step(carry, first_row, rows)`` over the chunks of the rows."""
   for first, rows, count in _runs(num_rows, chunk_size):
     if count == 1:
@@ -83,10 +90,21 @@ def _over_chunks(step, carry, num_rows: int, chunk_size: int):
   return carry
 
 
+def _is_reader(table) -> bool:
+  return hasattr(table, "add_grads")
+
+
+def _num_rows(table) -> int:
+  return table.num_rows if _is_reader(table) else table.shape[0]
+
+
 def _chunk_logits(hidden, table, start, rows, offset, config: LossConfig):
   """Capped logits ``[N, rows]`` of rows ``start:start+rows``, the chunk,
   and which of its columns are real tokens (None if all may be)."""
-  chunk = lax.dynamic_slice_in_dim(table, start, rows, axis=0)
+  if _is_reader(table):
+    chunk = table.rows(start, rows)
+  else:
+    chunk = lax.dynamic_slice_in_dim(table, start, rows, axis=0)
   z = lax.dot_general(
     hidden,
     chunk.astype(hidden.dtype),
@@ -97,7 +115,7 @@ def _chunk_logits(hidden, table, start, rows, offset, config: LossConfig):
     cap = jnp.asarray(config.soft_cap, z.dtype)
     z = cap * jnp.tanh(z / cap)
   real = None
-  if config.vocab_size < table.shape[0] or not isinstance(offset, int):
+  if config.vocab_size < _num_rows(table) or not isinstance(offset, int):
     real = (offset + start + jnp.arange(rows)) < config.vocab_size
     z = jnp.where(real[None, :], z, jnp.full((), -jnp.inf, z.dtype))
   return z, chunk, real
@@ -136,7 +154,7 @@ def local_stats(hidden, table, targets, offset, config: LossConfig):
       total = total + jnp.sum(finite, axis=1)
     return (m_new, s, t, total)
 
-  return _over_chunks(step, carry, table.shape[0], config.chunk_size)
+  return over_chunks(step, carry, _num_rows(table), config.chunk_size)
 
 
 def combine_stats(stats, axis_name: str | None):
@@ -167,7 +185,8 @@ def position_loss(lse, target_logit, logit_sum, config: LossConfig):
 
 
 def local_grads(hidden, table, targets, lse, g, offset, config: LossConfig):
-  """``(d_hidden [N, E] from these rows, d_table [R, E])``.
+  """``(d_hidden [N, E] from these rows, d_table [R, E])`` (for a reader:
+  its ``zero_grads()`` tuple, filled).
 
   ``hidden`` is in the accumulation dtype; ``g`` is the per-position
   cotangent (zero where a position must not train anything).
@@ -195,13 +214,19 @@ def local_grads(hidden, table, targets, lse, g, offset, config: LossConfig):
       dz = jnp.where(real[None, :], dz, jnp.zeros((), acc))
     d_hidden = d_hidden + dz @ chunk.astype(acc)
     d_chunk = lax.dot_general(dz, hidden, (((0,), (0,)), ((), ())))
+    if _is_reader(table):
+      return d_hidden, table.add_grads(d_table, start, rows, d_chunk)
     d_table = lax.dynamic_update_slice_in_dim(
       d_table, d_chunk.astype(d_table.dtype), start, axis=0
     )
     return d_hidden, d_table
 
-  carry = (jnp.zeros(hidden.shape, acc), jnp.zeros(table.shape, table.dtype))
-  return _over_chunks(step, carry, table.shape[0], config.chunk_size)
+  if _is_reader(table):
+    zeros = table.zero_grads()
+  else:
+    zeros = jnp.zeros(table.shape, table.dtype)
+  carry = (jnp.zeros(hidden.shape, acc), zeros)
+  return over_chunks(step, carry, _num_rows(table), config.chunk_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -233,3 +258,34 @@ def _bwd(config: LossConfig, residuals, g):
 
 
 chunked_cross_entropy.defvjp(_forward, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def source_cross_entropy(hidden, arrays, targets, config: LossConfig, source):
+  """`chunked_cross_entropy` of a compressed or adapted table: its arrays
+  and its static row source (`named_embed._row_source.RowSource`). The
+  gradient reaches the source's trainable arrays only (None for the
+  others)."""
+  return _source_forward(hidden, arrays, targets, config, source)[0]
+
+
+def _source_forward(hidden, arrays, targets, config, source):
+  acc = _norms.accumulation_dtype(hidden.dtype)
+  reader = source.reader(arrays)
+  stats = local_stats(hidden.astype(acc), reader, targets, 0, config)
+  lse, t, total = combine_stats(stats, None)
+  loss = position_loss(lse, t, total, config)
+  return loss, (hidden, arrays, targets, lse)
+
+
+def _source_bwd(config: LossConfig, source, residuals, g):
+  hidden, arrays, targets, lse = residuals
+  acc = lse.dtype
+  reader = source.reader(arrays)
+  d_hidden, d_arrays = local_grads(
+    hidden.astype(acc), reader, targets, lse, g.astype(acc), 0, config
+  )
+  return d_hidden.astype(hidden.dtype), d_arrays, None
+
+
+source_cross_entropy.defvjp(_source_forward, _source_bwd)

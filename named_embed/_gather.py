@@ -30,7 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from named_embed import _layout, _norms, _out_of_range, _table_arrays
+from named_embed import (
+  _layout,
+  _norms,
+  _out_of_range,
+  _row_source,
+  _table_arrays,
+)
 from named_embed._validation import (
   check_bool,
   check_choice,
@@ -235,21 +241,40 @@ def _one_hot_rows(table: jax.Array, safe: jax.Array) -> jax.Array:
   )
 
 
-def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
-  """Looks up ``ids`` in ``table`` (``[V, *embedding]``) under ``policy``."""
-  num_rows = table.shape[0]
+def gather_rows(
+  table: jax.Array | tuple,
+  ids: jax.Array,
+  policy: RowPolicy,
+  source: _row_source.RowSource | None = None,
+):
+  """Looks up ``ids`` in ``table`` (``[V, *embedding]``) under ``policy``.
+
+  With a ``source`` (a compressed or adapted table), ``table`` is the
+  source's tuple of arrays and the source makes the rows of the ids
+  (`named_embed._row_source`); every rule below applies to those rows.
+  """
+  if source is None:
+    num_rows, arrays = table.shape[0], (table,)
+  else:
+    num_rows, arrays = source.num_rows, table
   vocab_size = policy.vocab_size or num_rows
-  sharded = _layout.spans_devices(table, ids) or _layout.splits(
+  sharded = _layout.spans_devices(*arrays, ids) or _layout.splits(
     policy.rows_sharding
   )
-  table = _table_arrays.kernel_rows(table, policy.frozen, policy.rows_sharding)
+  if source is None:
+    table = _table_arrays.kernel_rows(
+      table, policy.frozen, policy.rows_sharding
+    )
+  else:
+    table = _row_source.prepare(source, table, policy.rows_sharding)
   safe, valid = _out_of_range.safe_ids(
     ids, vocab_size, policy.out_of_range, policy.runtime_check, sharded
   )
-  out_shape = ids.shape + table.shape[1:]
-  if num_rows == 1:
+  if source is not None:
+    rows = source.gather(table, safe)
+  elif num_rows == 1:
     # Broadcast instead of gather: the backward pass is a sum, not a scatter.
-    rows = jnp.broadcast_to(table[0], out_shape)
+    rows = jnp.broadcast_to(table[0], ids.shape + table.shape[1:])
   elif policy.strategy == "one_hot":
     rows = _one_hot_rows(table, safe)
   else:
@@ -273,8 +298,12 @@ def gather_rows(table: jax.Array, ids: jax.Array, policy: RowPolicy):
   return rows
 
 
-def compile_gather(policy: RowPolicy, scope: str):
-  """`gather_rows` under ``policy``, jitted.
+def compile_gather(
+  policy: RowPolicy,
+  scope: str,
+  source: _row_source.RowSource | None = None,
+):
+  """`gather_rows` under ``policy`` (and ``source``), jitted.
 
   Inlined under an outer `jax.jit`; an executable when called eagerly. The
   policy is closed over rather than passed to `jax.jit` as a static
@@ -284,6 +313,6 @@ def compile_gather(policy: RowPolicy, scope: str):
 
   def gather_rows_kernel(table, ids):
     with jax.named_scope(scope):
-      return gather_rows(table, ids, policy)
+      return gather_rows(table, ids, policy, source)
 
   return jax.jit(gather_rows_kernel)

@@ -130,6 +130,8 @@ def needs_runtime_check(
     return False
   if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
     return True
+  if not all(getattr(x, "is_fully_addressable", True) for x in (ids, mask)):
+    return True  # ids on other processes: no host holds them all
   ids = np.asarray(ids)
   if mask is not None:
     ids = np.where(np.asarray(mask), ids, 0)

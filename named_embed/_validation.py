@@ -177,3 +177,13 @@ def resolve_padding_index(padding_index: Any, vocab_size: int) -> int | None:
       f" {vocab_size}) for a vocabulary of {vocab_size} tokens."
     )
   return int(padding_index) % vocab_size
+
+
+def check_name(argument: str, value: Any) -> str:
+  """Returns ``value`` if it is a non-empty string (a parameter label
+  prefix, an axis name)."""
+  if not isinstance(value, str):
+    raise TypeError(f"`{argument}` must be a string, got {value!r}.")
+  if not value:
+    raise ValueError(f"`{argument}` must be a non-empty string.")
+  return value

@@ -135,6 +135,114 @@ def _bwd(config, plan, residuals, g):
 vocab_parallel_cross_entropy.defvjp(_forward, _bwd)
 
 
+def _array_specs(plan: ShardPlan, source, arrays) -> tuple:
+  """Specs of a row source's arrays: row-aligned ones split like the
+  table's rows, the others (``B``, trained rows) replicated."""
+  vocab = plan.table_spec[0]
+  return tuple(
+    PartitionSpec(vocab, *([None] * (a.ndim - 1)))
+    if aligned
+    else PartitionSpec(*([None] * a.ndim))
+    for a, aligned in zip(arrays, source.row_aligned)
+  )
+
+
+def vocab_parallel_logits(hidden, arrays, source, plan: ShardPlan):
+  """``[N, V]`` logits of a compressed or adapted table whose rows are split
+  over ``plan.vocab_axis``: each device makes the logits of its own rows
+  (`named_embed._row_source.RowSource.logits`, one chunk at a time for a
+  quantised table) and the result stays split over the vocabulary. Unlike
+  the loss, this map is differentiated by JAX (checked replication), so
+  LoRA's ``B`` and trained rows get their summed gradients."""
+  aligned = source.row_aligned.index(True)
+
+  def body(h, w):
+    if plan.vocab_axis is not None:
+      # Each device's logits depend on all of ``h``: mark it as varying
+      # over the vocabulary axis, whose transpose sums ``d h`` over it.
+      h = lax.pcast(h, plan.vocab_axis, to="varying")
+    return source.logits(w, h, _offset(plan, w[aligned].shape[0]))
+
+  kwargs = {}
+  if plan.manual_axes is not None:
+    kwargs["axis_names"] = plan.manual_axes
+  specs = (plan.hidden_spec, _array_specs(plan, source, arrays))
+  out_spec = PartitionSpec(plan.hidden_spec[0], plan.vocab_axis)
+  return jax.shard_map(
+    body, mesh=plan.mesh, in_specs=specs, out_specs=out_spec, **kwargs
+  )(hidden, arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def vocab_parallel_source_cross_entropy(
+  hidden, arrays, targets, config, plan: ShardPlan, source
+):
+  """`vocab_parallel_cross_entropy` of a compressed or adapted table (its
+  arrays and static row source, `named_embed._row_source`): each device
+  reads its own rows through the source; gradients of row-aligned arrays
+  (LoRA's ``A``) stay split, those of the others (``B``, trained rows) are
+  summed over the devices once, after the chunk loop."""
+  return _source_forward(hidden, arrays, targets, config, plan, source)[0]
+
+
+def _source_forward(hidden, arrays, targets, config, plan, source):
+  acc = _norms.accumulation_dtype(hidden.dtype)
+  aligned = source.row_aligned.index(True)
+
+  def body(h, w, t):
+    offset = _offset(plan, w[aligned].shape[0])
+    reader = source.reader(w, offset)
+    stats = _chunked_ce.local_stats(h.astype(acc), reader, t, offset, config)
+    lse, target_logit, total = _chunked_ce.combine_stats(stats, plan.vocab_axis)
+    loss = _chunked_ce.position_loss(lse, target_logit, total, config)
+    return loss, lse
+
+  specs = (plan.hidden_spec, _array_specs(plan, source, arrays))
+  token = plan.targets_spec
+  loss, lse = _shard_map(body, plan, (*specs, token), (token, token))(
+    hidden, arrays, targets
+  )
+  return loss, (hidden, arrays, targets, lse)
+
+
+def _source_bwd(config, plan, source, residuals, g):
+  hidden, arrays, targets, lse = residuals
+  acc = lse.dtype
+  aligned = source.row_aligned.index(True)
+  trained = [i for i, t in enumerate(source.trainable) if t]
+  array_specs = _array_specs(plan, source, arrays)
+
+  def body(h, w, t, lse, g):
+    offset = _offset(plan, w[aligned].shape[0])
+    reader = source.reader(w, offset)
+    d_hidden, d_arrays = _chunked_ce.local_grads(
+      h.astype(acc), reader, t, lse, g.astype(acc), offset, config
+    )
+    if plan.vocab_axis is not None:
+      d_hidden = lax.psum(d_hidden, plan.vocab_axis)
+    grads = []
+    for i in trained:
+      axes = plan.token_axes
+      if not source.row_aligned[i] and plan.vocab_axis is not None:
+        axes = (*_layout.mesh_axes(plan.vocab_axis), *axes)
+      grads.append(lax.psum(d_arrays[i], axes) if axes else d_arrays[i])
+    return d_hidden.astype(h.dtype), tuple(grads)
+
+  token = plan.targets_spec
+  specs = (plan.hidden_spec, array_specs, token, token, token)
+  out_specs = (plan.hidden_spec, tuple(array_specs[i] for i in trained))
+  d_hidden, grads = _shard_map(body, plan, specs, out_specs)(
+    hidden, arrays, targets, lse, g
+  )
+  d_arrays = [None] * len(arrays)
+  for i, grad in zip(trained, grads):
+    d_arrays[i] = grad
+  return d_hidden, tuple(d_arrays), None
+
+
+vocab_parallel_source_cross_entropy.defvjp(_source_forward, _source_bwd)
+
+
 def plan_for(hidden, table, targets, table_sharding) -> ShardPlan | None:
   """A `ShardPlan` if the table's rows are sharded over a mesh axis.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import string
 from typing import Any
 
@@ -12,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _hidden, _named, _table_arrays
+from named_embed import (
+  _hidden,
+  _named,
+  _row_source,
+  _table_arrays,
+  _vocab_parallel,
+)
 from named_embed._validation import check_float_dtype, check_soft_cap
 from named_embed.table import EmbeddingTable
 
@@ -61,15 +68,80 @@ def _decode_kernel(hidden, table, policy: _DecodePolicy):
   logits = jnp.einsum(
     policy.subscripts, hidden.astype(dtype), table.astype(dtype)
   )
+  return _cap_and_mask(logits, policy, table.shape[0])
+
+
+def _cap_and_mask(logits, policy: _DecodePolicy, num_rows: int):
+  """Soft-caps the logits (last axis: the vocabulary) and gives alignment
+  rows ``-inf``."""
   if policy.soft_cap is not None:
     cap = jnp.asarray(policy.soft_cap, logits.dtype)
     logits = cap * jnp.tanh(logits / cap)
-  num_rows = table.shape[0]
   if policy.vocab_size is not None and policy.vocab_size < num_rows:
     # Alignment rows are not tokens: -inf keeps them out of any softmax.
     real = jnp.arange(num_rows) < policy.vocab_size
     logits = jnp.where(real, logits, jnp.full((), -jnp.inf, logits.dtype))
   return logits
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_source_decode(
+  policy: _DecodePolicy, source: Any, n_embedding: int, scope: str
+):
+  """The decode of a compressed or adapted table, jitted once: ``hidden``
+  is ``[*batch, *embedding]`` (``n_embedding`` axes); the source makes the
+  logits without the float table (`named_embed._row_source.RowSource`)."""
+
+  def decode_kernel(hidden, arrays):
+    with jax.named_scope(scope):
+      arrays = _row_source.prepare(source, arrays, policy.rows_sharding)
+      batch = hidden.shape[: hidden.ndim - n_embedding]
+      flat = hidden.reshape(math.prod(batch), -1).astype(policy.dtype)
+      first = arrays[source.row_aligned.index(True)]
+      layout = first.reshape(first.shape[0], -1)  # a bitcast, for the plan
+      tokens = jnp.zeros_like(flat[:, 0], jnp.int32)  # hidden's layout
+      plan = _vocab_parallel.plan_for(
+        flat, layout, tokens, policy.rows_sharding
+      )
+      if plan is None:
+        logits = source.logits(arrays, flat)
+      else:  # rows split over devices: each makes its own rows' logits
+        logits = _vocab_parallel.vocab_parallel_logits(
+          flat, arrays, source, plan
+        )
+      logits = _cap_and_mask(logits, policy, source.num_rows)
+      return logits.reshape(*batch, source.num_rows)
+
+  return jax.jit(decode_kernel)
+
+
+def _source_decode(table: Any, hidden: Any, options: tuple, caller: str):
+  """`_decode` of a `QuantizedTable`, `LoraTable` or `TrainableRowsTable`."""
+  soft_cap, dtype = options
+  source, arrays = table.row_parts()
+  embedding_axes = table.embedding_axes
+  prefix = _hidden.check_hidden(table, embedding_axes, hidden, caller)
+  batch = {
+    name: size
+    for name, size in prefix.named_axes.items()
+    if name not in embedding_axes
+  }
+  if dtype is None:
+    dtype = _hidden.joint_dtype(prefix.dtype, source.dtype)
+  policy = _DecodePolicy(
+    subscripts="",
+    soft_cap=soft_cap,
+    dtype=dtype,
+    vocab_size=table.true_vocab_size,
+    rows_sharding=table.rows_sharding,
+  )
+  kernel = _compiled_source_decode(
+    policy, source, len(embedding_axes), f"named_embed.{caller}"
+  )
+  ordered = prefix.order_as(*batch, *embedding_axes).data_array
+  logits = kernel(ordered, arrays)
+  batch[table.vocabulary_axis] = source.num_rows
+  return _named.named_result(logits, batch)
 
 
 @functools.lru_cache(maxsize=512)
@@ -132,6 +204,8 @@ def _decode(
   table: EmbeddingTable, hidden: Any, options: tuple, caller: str
 ) -> pz.nx.NamedArray:
   """`decode` with options already validated by `_decode_options`."""
+  if type(table) is not EmbeddingTable and hasattr(table, "row_parts"):
+    return _source_decode(table, hidden, options, caller)
   soft_cap, dtype = options
   rows_array, embedding_axes = table.rows_and_axes()
   prefix = _hidden.check_hidden(table, embedding_axes, hidden, caller)

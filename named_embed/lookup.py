@@ -152,6 +152,8 @@ def _lookup(
   The hot path of every eager call: it reads the arrays, builds the plan's
   cache key from static facts, and calls the cached kernel.
   """
+  if type(table) is not EmbeddingTable and hasattr(table, "row_parts"):
+    return _source_lookup(table, tokens, options, caller)
   value, frozen = _table_arrays.value_and_frozen(table.embeddings)
   if value is None:
     value = table.value  # raises: unbound
@@ -182,6 +184,71 @@ def _lookup(
     rows_array = table.rows_array()
   rows = plan.kernel(rows_array, ids)
   return _named.wrap_named(rows, plan.output_axes)
+
+
+@functools.lru_cache(maxsize=256)
+def _source_plan(
+  options: _gather.RowPolicy,
+  source: Any,
+  vocabulary_axis: str,
+  embedding_axes: tuple[tuple[str, int], ...],
+  true_vocab_size: int | None,
+  padding_index: int | None,
+  rows_sharding: Any,
+  token_axes: tuple[tuple[str, int], ...],
+  runtime_check: bool,
+  caller: str,
+) -> _Plan:
+  """`_plan` for a compressed or adapted table (its static row source
+  instead of the array's layout)."""
+  if options.strategy != "gather":
+    raise ValueError(
+      f"named_embed.{caller}: strategy={options.strategy!r} needs a plain"
+      " table; a compressed or adapted table gathers its rows (use"
+      ' strategy="gather").'
+    )
+  if token_axes:
+    _named.check_no_clash(
+      f"named_embed.{caller}",
+      [name for name, _ in token_axes],
+      (vocabulary_axis, *dict(embedding_axes)),
+    )
+  policy = dataclasses.replace(
+    options,
+    padding_index=padding_index,
+    frozen=not any(source.trainable),
+    runtime_check=runtime_check,
+    vocab_size=true_vocab_size,
+    rows_sharding=rows_sharding,
+  )
+  return _Plan(
+    kernel=_gather.compile_gather(policy, f"named_embed.{caller}", source),
+    output_axes=collections.OrderedDict((*token_axes, *embedding_axes)),
+    rows_first=True,
+  )
+
+
+def _source_lookup(table: Any, tokens: Any, options, caller: str):
+  """`_lookup` of a `QuantizedTable`, `LoraTable` or `TrainableRowsTable`:
+  the kernel reads the table's row source (`named_embed._row_source`)."""
+  source, arrays = table.row_parts()
+  ids, token_axes = _named.split_tokens(tokens)
+  runtime_check = options.out_of_range == "error" and (
+    _out_of_range.needs_runtime_check("error", ids, table.vocab_size)
+  )
+  plan = _source_plan(
+    options,
+    source,
+    table.vocabulary_axis,
+    tuple(table.embedding_axes.items()),
+    table.true_vocab_size,
+    table.padding_index,
+    table.rows_sharding,
+    tuple(token_axes.items()),
+    runtime_check,
+    caller,
+  )
+  return _named.wrap_named(plan.kernel(arrays, ids), plan.output_axes)
 
 
 @pz.pytree_dataclass

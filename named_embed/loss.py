@@ -16,6 +16,7 @@ from named_embed import (
   _layout,
   _named,
   _out_of_range,
+  _row_source,
   _table_arrays,
   _vocab_parallel,
 )
@@ -190,14 +191,21 @@ def decode_cross_entropy(
   soft_cap = check_soft_cap(soft_cap)
   _check_options(chunk_size, label_smoothing, z_loss, reduction)
   out_of_range = _out_of_range.check_policy(out_of_range)
-  rows, embedding_axes = table.rows_and_axes()
+  source = None
+  if type(table) is not EmbeddingTable and hasattr(table, "row_parts"):
+    source, rows = table.row_parts()  # a compressed or adapted table
+    embedding_axes = table.embedding_axes
+  else:
+    rows, embedding_axes = table.rows_and_axes()
   prefix = _hidden.check_hidden(
     table, embedding_axes, hidden, "decode_cross_entropy"
   )
   h, ids, mask, shape, batch = _flatten_inputs(
     embedding_axes, prefix, targets, where
   )
-  vocab_size = table.true_vocab_size or rows.shape[0]
+  vocab_size = table.true_vocab_size or (
+    rows.shape[0] if source is None else source.num_rows
+  )
   runtime_check = _out_of_range.needs_runtime_check(
     out_of_range, ids, vocab_size, mask
   )
@@ -209,7 +217,9 @@ def decode_cross_entropy(
     label_smoothing=float(label_smoothing),
     z_loss=float(z_loss),
   )
-  kernel = _compiled_loss(ids_policy, config, reduction, table.rows_sharding)
+  kernel = _compiled_loss(
+    ids_policy, config, reduction, table.rows_sharding, source
+  )
   losses = kernel(h, rows, ids, mask)
   if reduction == "none":
     return _named.named_result(losses.reshape(shape), batch)
@@ -230,14 +240,20 @@ def _compiled_loss(
   config: _chunked_ce.LossConfig,
   reduction: str,
   rows_sharding: jax.sharding.NamedSharding | None,
+  source: _row_source.RowSource | None = None,
 ):
-  """The whole loss for one static configuration, jitted once."""
+  """The whole loss for one static configuration, jitted once. With a
+  ``source`` (a compressed or adapted table), ``rows`` is its tuple of
+  arrays (`named_embed._row_source`)."""
 
   def decode_cross_entropy_kernel(hidden, rows, ids, mask):
     with jax.named_scope("named_embed.decode_cross_entropy"):
-      num_rows = rows.shape[0]
       if mask is not None:  # masked targets are never checked nor NaN-filled
         ids = jnp.where(mask, ids, jnp.zeros_like(ids))
+      if source is not None:
+        losses, valid, out_dtype = _source_losses(hidden, rows, ids)
+        return _reduce(losses, valid, mask, reduction).astype(out_dtype)
+      num_rows = rows.shape[0]
       sharded = _layout.spans_devices(rows, hidden, ids) or _layout.splits(
         rows_sharding
       )
@@ -263,6 +279,31 @@ def _compiled_loss(
         )
       out_dtype = hidden.dtype
       return _reduce(losses, valid, mask, reduction).astype(out_dtype)
+
+  def _source_losses(hidden, arrays, ids):
+    """Per-position losses of a row source (in the accumulation dtype),
+    which targets were valid, and the output dtype."""
+    sharded = _layout.spans_devices(*arrays, hidden, ids) or _layout.splits(
+      rows_sharding
+    )
+    safe, valid = _out_of_range.safe_ids(
+      ids, config.vocab_size, policy.out_of_range, policy.runtime_check, sharded
+    )
+    if hidden.dtype != source.dtype:  # joint dtype; rows cast per chunk
+      hidden = hidden.astype(_hidden.joint_dtype(hidden.dtype, source.dtype))
+    arrays = _row_source.prepare(source, arrays, rows_sharding)
+    first = arrays[source.row_aligned.index(True)]
+    layout = first.reshape(first.shape[0], -1)  # a bitcast, for the plan
+    plan = _vocab_parallel.plan_for(hidden, layout, safe, rows_sharding)
+    if plan is None:
+      losses = _chunked_ce.source_cross_entropy(
+        hidden, arrays, safe, config, source
+      )
+    else:
+      losses = _vocab_parallel.vocab_parallel_source_cross_entropy(
+        hidden, arrays, safe, config, plan, source
+      )
+    return losses, valid, hidden.dtype
 
   return jax.jit(decode_cross_entropy_kernel)
 

@@ -36,7 +36,9 @@ def show(
   The page shows the summary line, then ``notes``, then the treescope
   rendering of the table, whose embedding array is drawn with its rows
   labelled by token (by id without a vocabulary): hovering a cell shows its
-  token.
+  token. For a `QuantizedTable`, `LoraTable` or `TrainableRowsTable` the
+  labelled array is drawn after the structure: the rows as lookups read
+  them (dequantised, adapters added), built once for the page.
 
   Args:
     table: The table to show (bound, with concrete values).
@@ -70,7 +72,8 @@ def show(
   >>> '<pre class="note">trained 3 steps</pre>' in text, "a &lt; b" in text
   (True, True)
   """
-  value = table.value
+  plain = isinstance(table, EmbeddingTable)
+  value = table.value if plain else _rows_as_read(table)
   figure = treescope.render_array(
     value,
     rows=[table.vocabulary_axis],
@@ -89,6 +92,9 @@ def show(
 
   with treescope.active_autovisualizer.set_scoped(autovisualizer):
     body = treescope.render_to_html(table, compressed=False)
+  if not plain:  # the float rows are not in the tree: draw them after it
+    body += "\n<p>The rows as read (dequantised, adapters added):</p>\n"
+    body += treescope.render_to_html(figure, compressed=False)
   title = html.escape(title or "EmbeddingTable")
   page = _PAGE.format(
     title=title,
@@ -103,6 +109,13 @@ def show(
   with open(path, "w", encoding="utf-8") as f:
     f.write(page)
   return path
+
+
+def _rows_as_read(table: Any) -> Any:
+  """The float rows of a compressed or adapted table, as a NamedArray."""
+  if hasattr(table, "dequantized"):
+    return table.dequantized().value
+  return table.merged().value
 
 
 _PAGE = """<!DOCTYPE html>
@@ -159,7 +172,13 @@ def summarize(table: EmbeddingTable, statistics: bool = True) -> str:
   ...     np.array([[0, 0], [3, 4]], np.float32), padding_index=0)))
   vocabulary:2 × embedding:2 float32, padding row 0,
   row norms min 0 mean 2.5 max 5
+
+  A `QuantizedTable`, `LoraTable` or `TrainableRowsTable` gives its own
+  line (its ``summary()``): the scheme and bytes, the adapters, the
+  trained rows, then the base's line.
   """
+  if not isinstance(table, EmbeddingTable) and hasattr(table, "summary"):
+    return table.summary(statistics)
   value = _table_arrays.value_or_none(table.embeddings)
   padding = "no padding row"
   if table.padding_index is not None:

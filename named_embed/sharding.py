@@ -26,6 +26,7 @@ from penzai import pz
 
 from named_embed import _table_arrays
 from named_embed._layout import mesh_axes
+from named_embed.quantized import QuantizedTable
 from named_embed.table import EmbeddingTable
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
@@ -123,6 +124,21 @@ def _shard_table(table: EmbeddingTable, mesh: Mesh, rules: Rules):
   )
 
 
+def _shard_quantized(table: QuantizedTable, mesh: Mesh, rules: Rules):
+  """Codes and scales placed by their axis names (both lead with the
+  vocabulary axis, so a vocabulary rule splits them alike); the codes'
+  sharding is recorded as the table's ``rows_sharding``."""
+  codes = _shard_named(table.codes, mesh, rules)
+  order = (table.vocabulary_axis, *table.embedding_axes)
+  spec = partition_spec(table.codes.order_as(*order), mesh, rules)
+  return dataclasses.replace(
+    table,
+    codes=codes,
+    scales=_shard_named(table.scales, mesh, rules),
+    rows_sharding=NamedSharding(mesh, spec),
+  )
+
+
 def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """Places every NamedArray of ``tree`` on ``mesh`` by its axis names.
 
@@ -131,7 +147,9 @@ def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   sharding constraint (`jax.sharding.reshard` for Explicit mesh axes,
   `with_sharding_constraint` for Auto ones), so the same call pins
   activations and gradients by name. Tables also record the sharding of
-  their rows (`EmbeddingTable.rows_sharding`). `pz.Parameter` values are
+  their rows (`EmbeddingTable.rows_sharding`; a `QuantizedTable` records
+  its codes', and its scales follow its rows; LoRA's ``A`` follows the
+  rows too, being ``{vocabulary, rank}``). `pz.Parameter` values are
   updated in place (they are penzai's mutable variables), which keeps tied
   parameters tied; everything else is returned new.
 
@@ -157,6 +175,8 @@ def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   def visit(node):
     if isinstance(node, EmbeddingTable):
       return _shard_table(node, mesh, rules)
+    if isinstance(node, QuantizedTable):
+      return _shard_quantized(node, mesh, rules)
     if isinstance(node, pz.nx.NamedArrayBase):
       return _shard_named(node, mesh, rules)
     if isinstance(node, pz.Parameter | pz.StateVariable):
@@ -168,7 +188,11 @@ def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   def is_leaf(node):
     return isinstance(
       node,
-      EmbeddingTable | pz.nx.NamedArrayBase | pz.Parameter | pz.StateVariable,
+      EmbeddingTable
+      | QuantizedTable
+      | pz.nx.NamedArrayBase
+      | pz.Parameter
+      | pz.StateVariable,
     )
 
   return jax.tree.map(visit, tree, is_leaf=is_leaf)

@@ -588,6 +588,100 @@ class EmbeddingTable(pz.Struct):
       self, embeddings=_table_arrays.held_like(self.embeddings, value)
     )
 
+  # ------------------------------------------------- compressed and adapted
+
+  def quantized(self, scheme: str = "int8", group_size: int | None = None):
+    """Returns the table stored as integers: a frozen `QuantizedTable`.
+
+    Symmetric quantisation: each group (a row, or ``group_size`` values
+    along the last embedding axis) gets one float32 scale ``max|x| /
+    q_max`` and integer codes in ``[-q_max, q_max]``; ``"int8"`` keeps a
+    byte a value, ``"int4"`` two values a byte. Lookups, decodes and the
+    fused loss on the result never build the float table. See
+    ``docs/compression.md`` for the layouts, sizes and accuracy.
+
+    Args:
+      scheme: ``"int8"`` or ``"int4"``.
+      group_size: Values a scale along the last embedding axis (it must
+        divide that axis), or None for one scale a row.
+
+    Raises:
+      ValueError: for an unknown scheme, a group size that does not divide
+        the last embedding axis, an odd last axis under int4, or NaN or
+        infinite values.
+      TypeError: for arguments of the wrong type.
+
+    Example:
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((4, 64), np.float32))
+    >>> q4 = table.quantized("int4", group_size=32)
+    >>> q4.nbytes  # 4 x 32 bytes of codes + 4 x 2 float32 scales
+    160
+    """
+    from named_embed import quantized
+
+    return quantized.quantize(self, scheme, group_size)
+
+  def with_lora(
+    self,
+    rank: int,
+    alpha: float | None = None,
+    *,
+    name: str,
+    init_base_rng: jax.Array,
+  ):
+    """Returns this table, frozen, plus trainable LoRA adapters: a `LoraTable`
+    with rows ``base + (alpha / rank) * A @ B``, ``A {vocabulary, rank}``
+    zero at first and ``B {rank, *embedding}`` normal.
+
+    Args:
+      rank: The adapters' rank, at least 1.
+      alpha: Scale numerator (default ``rank``: a scale of 1).
+      name: Label prefix: parameters ``f"{name}.lora_a"`` and
+        ``f"{name}.lora_b"``.
+      init_base_rng: Random key for ``B``.
+
+    Example:
+
+    >>> import jax, numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((6, 4), np.float32))
+    >>> lora = table.with_lora(rank=2, alpha=4.0, name="embed",
+    ...                        init_base_rng=jax.random.key(0))
+    >>> lora.rank, lora.scale, lora.lora_a.value.named_shape
+    (2, 2.0, {'vocabulary': 6, 'rank': 2})
+    """
+    from named_embed import lora
+
+    return lora.with_lora(
+      self, rank, alpha, name=name, init_base_rng=init_base_rng
+    )
+
+  def with_trainable_rows(self, tokens: list[str | int], *, name: str):
+    """Returns this table, frozen, of which only the rows of ``tokens`` train:
+    a `TrainableRowsTable` with one parameter ``{rows: k, *embedding}``
+    labelled ``f"{name}.trainable_rows"``, starting at those rows.
+
+    Args:
+      tokens: Token strings (looked up in the vocabulary) and/or row ids.
+      name: Label prefix of the parameter.
+
+    Raises:
+      ValueError: for a token not in the vocabulary, an id out of range, a
+        row named twice, or an empty list.
+      TypeError: for a string instead of a list.
+
+    Example:
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((6, 4), np.float32))
+    >>> table.with_trainable_rows([5, 4], name="embed").row_ids
+    (4, 5)
+    """
+    from named_embed import trainable_rows
+
+    return trainable_rows.with_trainable_rows(self, tokens, name=name)
+
   # -------------------------------------------------------------- inspection
 
   def nearest(

@@ -1,7 +1,9 @@
 """Import and export of embedding tables; no pickle anywhere.
 
-- `save` / `load`: a whole table (values bit for bit, axis names, padding
-  index, vocabulary) in one safetensors file, written atomically;
+- `save` / `load`: a whole table (values bit for bit, axis names, pad
+  token row, vocabulary) in one safetensors file (a path with a suffix) or
+  a Hugging Face-style sharded directory where every process writes its
+  own rows (a path without one), written atomically;
 - `from_safetensors`: one tensor of a model checkpoint, e.g. BERT's
   ``embeddings.word_embeddings.weight``, with its ``vocab.txt`` (a single
   file, or a sharded checkpoint's directory or index);

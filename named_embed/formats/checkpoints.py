@@ -9,8 +9,11 @@ A large checkpoint is split over several safetensors files
 `tensor_file` follows the index to the one file that holds a tensor, so
 `named_embed.from_safetensors` opens that file only, memory-mapped, and
 reads its header and that tensor's bytes: never the rest of the
-checkpoint. `to_safetensors` writes a table's rows as a plain tensor that
-any safetensors reader (transformers, torch, numpy) loads.
+checkpoint. `find_index`, `read_index`, `file_in_index` and `write_index`
+are the index's other readers and its writer (`stored_tensors` follows a
+tensor stored in blocks over several files; `distributed_io` writes such
+checkpoints). `to_safetensors` writes a table's rows as a plain tensor
+that any safetensors reader (transformers, torch, numpy) loads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import difflib
 import json
 import os
 import posixpath
+from typing import Any
 
 import numpy as np
 
@@ -192,15 +196,10 @@ def explained(
 
 
 def _in_directory(directory: str, key: str) -> str:
+  index = find_index(directory)
+  if index is not None:
+    return _from_index(index, key)
   names = sorted(os.listdir(directory))
-  indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
-  if len(indexes) > 1:
-    raise ValueError(
-      f"{directory} holds several checkpoint indexes {indexes}; pass the"
-      f" one to read, e.g. {os.path.join(directory, indexes[0])!r}."
-    )
-  if indexes:
-    return _from_index(os.path.join(directory, indexes[0]), key)
   files = [n for n in names if n.endswith(".safetensors")]
   if not files:
     raise FileNotFoundError(
@@ -241,6 +240,21 @@ def _from_index(index: str, key: str) -> str:
       f" {available(files)} holds it.{hint} It maps {len(weight_map)}"
       f" tensors: {available(list(weight_map))}."
     )
+  return file_in_index(index, key, name)
+
+
+def file_in_index(index: str, key: str, name: str) -> str:
+  """The path of file ``name``, to which ``index`` maps tensor ``key``.
+
+  Raises:
+    ValueError: if ``name`` points outside the index's directory.
+    FileNotFoundError: if the file does not exist.
+
+  >>> file_in_index("ckpt/model.safetensors.index.json", "w", "../x")
+  Traceback (most recent call last):
+  ...
+  ValueError: ckpt/model.safetensors.index.json maps tensor 'w' to '../x', outside the index's directory; refusing to read it.
+  """
   parts = posixpath.normpath(name.replace("\\", "/")).split("/")
   if os.path.isabs(name) or ".." in parts:
     raise ValueError(
@@ -257,6 +271,53 @@ def _from_index(index: str, key: str) -> str:
 
 
 def _read_weight_map(index: str) -> dict[str, str]:
+  return read_index(index)[1]
+
+
+def find_index(path: str | os.PathLike[str]) -> str | None:
+  """The checkpoint index that ``path`` names, or None.
+
+  ``path`` is an index itself (``*.safetensors.index.json``), or a
+  directory holding one; a file, or a directory without an index, gives
+  None.
+
+  Raises:
+    ValueError: if a directory holds several indexes.
+
+  >>> import os, tempfile
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   print(find_index(tmp))
+  ...   open(os.path.join(tmp, "model" + INDEX_SUFFIX), "w").close()
+  ...   print(os.path.basename(find_index(tmp)))
+  None
+  model.safetensors.index.json
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    return path if path.endswith(".json") and os.path.isfile(path) else None
+  indexes = [n for n in sorted(os.listdir(path)) if n.endswith(INDEX_SUFFIX)]
+  if len(indexes) > 1:
+    raise ValueError(
+      f"{path} holds several checkpoint indexes {indexes}; pass the"
+      f" one to read, e.g. {os.path.join(path, indexes[0])!r}."
+    )
+  return os.path.join(path, indexes[0]) if indexes else None
+
+
+def read_index(index: str) -> tuple[dict[str, Any], dict[str, str]]:
+  """The ``metadata`` and ``weight_map`` of a checkpoint index.
+
+  Raises:
+    ValueError: for invalid JSON or an index without a ``weight_map``
+      object ``{tensor name: file name}``.
+
+  >>> import json, os, tempfile
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   index = os.path.join(tmp, "model" + INDEX_SUFFIX)
+  ...   write_index(index, {"w": "model-00001-of-00001.safetensors"}, {"a": 1})
+  ...   read_index(index)
+  ({'a': 1}, {'w': 'model-00001-of-00001.safetensors'})
+  """
   try:
     with open(index, encoding="utf-8") as f:
       spec = json.load(f)
@@ -270,4 +331,25 @@ def _read_weight_map(index: str) -> dict[str, str]:
       f"{index} is not a safetensors checkpoint index: it needs a"
       ' "weight_map" object {tensor name: file name}.'
     )
-  return weight_map
+  metadata = spec.get("metadata")
+  return (metadata if isinstance(metadata, dict) else {}), weight_map
+
+
+def write_index(
+  index: str | os.PathLike[str],
+  weight_map: dict[str, str],
+  metadata: dict[str, Any],
+) -> None:
+  """Writes ``{"metadata": ..., "weight_map": ...}`` to ``index``,
+  atomically.
+
+  >>> import os, pathlib, tempfile
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   write_index(os.path.join(tmp, "i.json"), {"w": "a.safetensors"}, {})
+  ...   print(pathlib.Path(tmp, "i.json").read_text().split())
+  ['{', '"metadata":', '{},', '"weight_map":', '{', '"w":', '"a.safetensors"', '}', '}']
+  """
+  text = json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2)
+  with replacing(index) as temp:
+    with open(temp, "w", encoding="utf-8") as f:
+      f.write(text + "\n")

@@ -23,16 +23,13 @@ executable, so reading a file never runs code (unlike pickle).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
-from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from named_embed import _table_arrays
-from named_embed.formats import checkpoints
+from named_embed.formats import checkpoints, distributed_io, stored_tensors
 from named_embed.formats._atomic import replacing
 from named_embed.formats._common import (
   VocabularyLike,
@@ -43,6 +40,9 @@ from named_embed.formats._common import (
 )
 from named_embed.table import EmbeddingTable
 from named_embed.vocabulary import SPECIAL_ROLES, Vocabulary
+
+if TYPE_CHECKING:
+  from jax.sharding import Mesh
 
 FORMAT_VERSION = "1"
 TENSOR_KEY = "embeddings"
@@ -55,17 +55,27 @@ def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
   Kept: the values bit for bit (any floating dtype), the axis names and
   their order, the padding index, the vocabulary with its roles, and
   whether the table was frozen or trainable (with the parameter's label).
+  A `QuantizedTable`, `LoraTable` or `TrainableRowsTable` is written with
+  all its parts (codes and scales, the base and its adapters), bit for
+  bit, and `load` returns the same kind (``docs/compression.md``).
   Not kept: `pz.Parameter` metadata. The file is written next to ``path``
   under a temporary name and renamed over it when complete, so an
   interrupted save leaves the previous file (or none), never half a file.
 
+  A ``path`` without a suffix (``"out"``) is a checkpoint directory in
+  the Hugging Face sharded layout instead: under `jax.distributed` every
+  process calls `save` and writes the rows it holds, then process 0 the
+  index (`named_embed.formats.distributed_io`; ``docs/sharding.md``).
+
   Args:
     table: A table whose embeddings are bound (not a `pz.ParameterSlot`).
-    path: Destination, conventionally ending in ``.safetensors``.
+    path: Destination: a file (``table.safetensors``), or a directory
+      (a path without a suffix, or an existing directory).
 
   Raises:
     TypeError: if ``table`` is not an `EmbeddingTable`.
-    ValueError: if the table's embeddings are unbound.
+    ValueError: if the table's embeddings are unbound, or span processes
+      and ``path`` names one file.
 
   Example:
 
@@ -84,9 +94,30 @@ def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
   from safetensors.numpy import save_file
 
   if not isinstance(table, EmbeddingTable):
+    from named_embed.formats import _compressed
+
+    if _compressed.handles(table):  # quantised, LoRA, trainable rows
+      if distributed_io.is_directory_path(path):
+        raise NotImplementedError(
+          f"ne.save({os.fspath(path)!r}): a {type(table).__name__} is saved"
+          " as one file, not as a directory of per-process shards; give a"
+          " path with a suffix, e.g. 'table.safetensors' (on one process)."
+        )
+      _compressed.save(table, path)
+      return
     raise TypeError(
       f"save() writes an EmbeddingTable; got {type(table).__name__}."
     )
+  if distributed_io.is_directory_path(path):  # every process its own rows
+    distributed_io.save_directory(
+      table.rows_array(),
+      path,
+      TENSOR_KEY,
+      _table_metadata(table),
+      what=f"ne.save({os.fspath(path)!r})",
+    )
+    return
+  distributed_io.check_one_file(table.rows_array(), path)
   rows = host_rows(table)
   metadata = _table_metadata(table)
   with replacing(path) as temp:
@@ -94,16 +125,26 @@ def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
 
 
 def load(
-  path: str | os.PathLike[str], *, freeze: bool | None = None
+  path: str | os.PathLike[str],
+  *,
+  freeze: bool | None = None,
+  mesh: Mesh | None = None,
+  rules: Mapping[str, Any] | None = None,
 ) -> EmbeddingTable:
   """Reads a table written by `save`.
 
   Args:
-    path: The file.
+    path: The file, or the checkpoint directory (or its index).
     freeze: None restores the table as saved (frozen, or trainable with
       its parameter label); True gives a frozen table; False a trainable
       one (a `pz.Parameter` with the saved label, or
       ``"embeddings.embeddings"`` if the table was saved frozen).
+    mesh: If given, the table is placed on it by ``rules`` (as
+      `named_embed.shard` would), each process reading only its own
+      devices' rows; every process makes the call, and an error on one is
+      raised on all. A quantised or adapted table is read whole, then
+      placed with `named_embed.shard`.
+    rules: Axis name -> mesh axis, with ``mesh``.
 
   Returns:
     The table, with its vocabulary if it had one.
@@ -126,9 +167,30 @@ def load(
   >>> loaded.dtype, loaded.frozen, loaded.embeddings.label
   (dtype('float16'), False, 'tok.embeddings')
   """
+  from named_embed.formats import _compressed
+
   path = os.fspath(path)
-  rows, metadata = _read_tensor(path, TENSOR_KEY, table_file=True)
-  spec = _parse_metadata(metadata, path)
+  compressed = _compressed.load_if_compressed(path, freeze)
+  if compressed is not None:  # a quantised or adapted table
+    if mesh is None:
+      return compressed
+    from named_embed.sharding import shard  # read whole, then placed
+
+    return shard(compressed, mesh, rules or {})
+  return distributed_io.load(
+    lambda: distributed_io.open_saved(path, TENSOR_KEY, check=_check_marker),
+    lambda stored, rows: _table_from(rows, stored.metadata, path, freeze),
+    mesh=mesh,
+    rules=rules,
+    what=f"ne.load({path!r})",
+  )
+
+
+def _table_from(
+  rows: Any, metadata: dict[str, Any], path: str, freeze: bool | None
+) -> EmbeddingTable:
+  """The table of a file's rows and metadata (see `load`)."""
+  spec = parse_metadata(metadata, path)
   padded = spec["true_vocab_size"] is not None
   table = build_table(
     rows,
@@ -169,6 +231,8 @@ def from_safetensors(
   freeze: bool = True,
   name: str = "embeddings",
   true_vocab_size: int | None = None,
+  mesh: Mesh | None = None,
+  rules: Mapping[str, Any] | None = None,
 ) -> EmbeddingTable:
   """Reads one tensor of a model checkpoint as an `EmbeddingTable`.
 
@@ -196,6 +260,9 @@ def from_safetensors(
     true_vocab_size: The number of tokens when the tensor has alignment
       rows after them (Gemma 3: 262,145 tokens in 262,208 rows); the
       vocabulary then covers the tokens only. Default: every row a token.
+    mesh: Place the table on this mesh, each process reading only its own
+      devices' rows of the tensor (see `load`).
+    rules: Axis name -> mesh axis, with ``mesh``.
 
   Returns:
     The table, with the vocabulary attached if one was given.
@@ -224,55 +291,40 @@ def from_safetensors(
   >>> table.vocab_size, table.padding_index, table.vocabulary.token(1)
   (3, 0, 'hello')
   """
-  file = checkpoints.tensor_file(path, key)
-  rows, _ = _read_tensor(file, key, table_file=False)
-  source = f"{file}, tensor {key!r}"
   vocabulary = as_vocabulary(vocabulary)
-  aligned = true_vocab_size is not None
-  try:
-    table = build_table(
-      rows,
-      source=source,
-      vocabulary=None if aligned else vocabulary,
-      vocabulary_axis=vocabulary_axis,
-      embedding_axes=embedding_axes,
-      padding_index=None if aligned else padding_index,
-      freeze=freeze,
-      name=name,
-    )
-  except ValueError as error:
-    raise checkpoints.explained(error, vocabulary, len(rows)) from None
-  if aligned:
-    table = checkpoints.with_alignment_rows(
-      table, true_vocab_size, vocabulary, padding_index, source
-    )
-  return table
+
+  def build(stored: stored_tensors.StoredTensor, rows: Any) -> EmbeddingTable:
+    source = stored.describe()
+    aligned = true_vocab_size is not None
+    try:
+      table = build_table(
+        rows,
+        source=source,
+        vocabulary=None if aligned else vocabulary,
+        vocabulary_axis=vocabulary_axis,
+        embedding_axes=embedding_axes,
+        padding_index=None if aligned else padding_index,
+        freeze=freeze,
+        name=name,
+      )
+    except ValueError as error:
+      raise checkpoints.explained(error, vocabulary, len(rows)) from None
+    if aligned:
+      table = checkpoints.with_alignment_rows(
+        table, true_vocab_size, vocabulary, padding_index, source
+      )
+    return table
+
+  return distributed_io.load(
+    lambda: stored_tensors.open_tensor(path, key),
+    build,
+    mesh=mesh,
+    rules=rules,
+    what=f"ne.from_safetensors({os.fspath(path)!r}, {key!r})",
+  )
 
 
 # ------------------------------------------------------------------ reading
-
-
-def _read_tensor(
-  path: str, key: str, *, table_file: bool
-) -> tuple[np.ndarray, dict[str, str]]:
-  """Reads the header and the one tensor ``key``, with clear errors."""
-  from safetensors import SafetensorError, safe_open
-
-  try:
-    with safe_open(path, framework="numpy") as f:
-      metadata = f.metadata() or {}
-      keys = list(f.keys())
-      if table_file:
-        _check_marker(path, metadata, keys)
-      if key not in keys:
-        raise ValueError(_missing_key_message(path, key, keys))
-      return f.get_tensor(key), metadata
-  except SafetensorError as error:
-    raise ValueError(
-      f"{path} is not a valid safetensors file ({error}). It may be"
-      " truncated (an interrupted download or copy) or not a safetensors"
-      " file at all."
-    ) from None
 
 
 def _check_marker(path: str, metadata: dict[str, str], keys: list[str]):
@@ -290,17 +342,6 @@ def _check_marker(path: str, metadata: dict[str, str], keys: list[str]):
       f" version of named_embed reads version {FORMAT_VERSION!r}. Upgrade"
       " named_embed to read it."
     )
-
-
-def _missing_key_message(path: str, key: str, keys: list[str]) -> str:
-  if not keys:
-    return f"{path} holds no tensors, so it has no tensor {key!r}."
-  close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-  hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-  return (
-    f"{path} has no tensor {key!r}.{hint} Its {len(keys)} tensors are:"
-    f" {available(keys)}."
-  )
 
 
 # ----------------------------------------------------------------- metadata
@@ -329,7 +370,15 @@ def _table_metadata(table: EmbeddingTable) -> dict[str, str]:
   return metadata
 
 
-def _parse_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
+def parse_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
+  """The checked table fields of a file's metadata (axes, pad row,
+  alignment rows, vocabulary, holder kind and label); also read by the
+  files of compressed and adapted tables (`named_embed.formats._compressed`).
+
+  Raises:
+    ValueError: naming the corrupt field and the file.
+  """
+
   def bad(field: str, why: str) -> ValueError:
     shown = metadata.get(field)
     shown = shown if shown is None or len(shown) < 80 else shown[:80] + "..."

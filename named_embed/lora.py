@@ -1,0 +1,256 @@
+"""`LoraTable`: a frozen table plus trainable low-rank adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from named_embed import _row_source, _table_arrays
+from named_embed._validation import (
+  check_name,
+  check_number,
+  check_positive_int,
+)
+from named_embed.quantized import QuantizedTable
+from named_embed.table import EmbeddingTable
+
+RANK_AXIS = "rank"
+"""The axis name of the adapters' rank."""
+
+
+@pz.pytree_dataclass
+class LoraTable(pz.Struct, _row_source.NoFloatRows, _row_source.BaseFacts):
+  """A frozen table plus LoRA adapters: rows ``base + (alpha / rank) * A @ B``.
+
+  Made by `EmbeddingTable.with_lora` (or `QuantizedTable.with_lora`). The
+  base never trains; ``A {vocabulary, rank}`` and ``B {rank, *embedding}``
+  do, and `pz.unbind_params` finds just those two. Nothing builds the
+  merged table: a lookup adds ``A[ids] @ B`` to the base rows, a decode
+  adds ``(hidden . B) . A^T`` to the base logits, and the fused loss adds
+  ``A[chunk] @ B`` one vocabulary chunk at a time. One `LoraTable` in an
+  `EmbeddingLookup` and an `EmbeddingDecode` is tied: one ``A`` and one
+  ``B``, whose gradients sum both uses.
+
+  ``A`` starts at zero and ``B`` at N(0, 1) (HF PEFT's choice for
+  embeddings, the reverse of its linear layers): the delta is zero at
+  first, and a token's row moves only once that token has been trained
+  (a random ``A`` with a zero ``B``, keras's choice, would move every
+  row with the first update of ``B``). Adapters are float32 whatever the
+  base dtype; rows are computed in float32 and returned in the base's
+  dtype.
+
+  `merged` folds the adapters into a plain float table.
+
+  Example:
+
+  >>> import jax, numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((5, 4), np.float32))
+  >>> lora = table.with_lora(rank=2, alpha=4.0, name="embed",
+  ...                        init_base_rng=jax.random.key(0))
+  >>> sorted(p.label for p in pz.unbind_params(lora)[1])
+  ['embed.lora_a', 'embed.lora_b']
+  >>> lora.merged().rows_array().tolist() == table.rows_array().tolist()
+  True
+
+  Attributes:
+    base: The frozen `EmbeddingTable` or `QuantizedTable`.
+    lora_a: ``A {vocabulary, rank}`` (a `pz.Parameter` when trainable).
+    lora_b: ``B {rank, *embedding}``.
+    alpha: The delta is scaled by ``alpha / rank``.
+  """
+
+  base: EmbeddingTable | QuantizedTable
+  lora_a: Any
+  lora_b: Any
+  alpha: float = dataclasses.field(default=1.0, metadata={"pytree_node": False})
+
+  def __post_init__(self):
+    a = _table_arrays.value_or_none(self.lora_a)
+    b = _table_arrays.value_or_none(self.lora_b)
+    if a is None or b is None or not hasattr(self.base, "embedding_axes"):
+      return
+    want_a = {self.vocabulary_axis: self.num_rows, RANK_AXIS: None}
+    want_b = {RANK_AXIS: None, **self.embedding_axes}
+    rank = a.named_shape.get(RANK_AXIS)
+    want_a[RANK_AXIS] = want_b[RANK_AXIS] = rank
+    if dict(a.named_shape) != want_a or dict(b.named_shape) != want_b:
+      raise ValueError(
+        f"LoRA adapters must be A {want_a} and B {want_b} for this base;"
+        f" got A {dict(a.named_shape)} and B {dict(b.named_shape)}."
+      )
+
+  # -------------------------------------------------------------- properties
+
+  @property
+  def rank(self) -> int:
+    """The adapters' rank."""
+    return _bound(self.lora_a, "lora_a").named_shape[RANK_AXIS]
+
+  @property
+  def scale(self) -> float:
+    """``alpha / rank``, the factor of ``A @ B``."""
+    return self.alpha / self.rank
+
+  @property
+  def frozen(self) -> bool:
+    """True when neither adapter trains (both plain arrays)."""
+    return _table_arrays.is_frozen(self.lora_a) and _table_arrays.is_frozen(
+      self.lora_b
+    )
+
+  # ----------------------------------------------------------------- methods
+
+  def row_parts(self) -> tuple[_row_source.RowSource, tuple[jax.Array, ...]]:
+    """The static row source and raw arrays kernels read."""
+    base_source, base_arrays = _row_source.table_parts(self.base)
+    a = _bound(self.lora_a, "lora_a")
+    b = _bound(self.lora_b, "lora_b")
+    a = _row_source.raw_in_order(a, (self.vocabulary_axis, RANK_AXIS))
+    b = _row_source.raw_in_order(b, (RANK_AXIS, *self.embedding_axes))
+    source = _source(
+      base_source,
+      self.alpha / a.shape[1],
+      not _table_arrays.is_frozen(self.lora_a),
+      not _table_arrays.is_frozen(self.lora_b),
+    )
+    return source, (*base_arrays, a, b)
+
+  def merged(self) -> EmbeddingTable:
+    """The plain table ``base + (alpha / rank) * A @ B`` (frozen), with the
+    base's vocabulary, padding row and alignment rows. Over a quantised
+    base the result is a *float* table in the base's float dtype: quantise
+    it again explicitly (``lora.merged().quantized("int8")``) if you want.
+    This builds the whole table: kernels never call it.
+    """
+    source, arrays = self.row_parts()
+    rows = _all_rows(arrays, source)
+    base = self.base
+    value = pz.nx.wrap(rows, self.vocabulary_axis, *self.embedding_axes)
+    return EmbeddingTable(
+      value,
+      self.vocabulary_axis,
+      base.padding_index,
+      vocabulary=base.vocabulary,
+      true_vocab_size=base.true_vocab_size,
+      rows_sharding=base.rows_sharding,
+    )
+
+  def summary(self, statistics: bool = True) -> str:
+    """The treescope summary line (see `named_embed.summarize`)."""
+    from named_embed import rendering
+
+    a = _table_arrays.value_or_none(self.lora_a)
+    if a is None:
+      head = f"LoRA alpha {self.alpha:g} (unbound adapters)"
+    else:
+      rank = a.named_shape[RANK_AXIS]
+      head = (
+        f"LoRA rank {rank}, alpha {self.alpha:g} (scale {self.alpha / rank:g})"
+      )
+    state = "frozen" if self.frozen else "trainable"
+    return f"{head}, {state} adapters, over {rendering.summarize(self.base, statistics)}"
+
+  def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
+    from named_embed import rendering
+
+    return rendering.treescope_repr(self, path, subtree_renderer)
+
+
+def _bound(holder: Any, field: str) -> pz.nx.NamedArray:
+  value = _table_arrays.value_or_none(holder)
+  if value is None:
+    raise ValueError(
+      f"LoraTable.{field} is an unbound {type(holder).__name__} (label"
+      f" {getattr(holder, 'label', None)!r}); bind a value first, e.g."
+      " `pz.bind_variables(model, params)`."
+    )
+  return value
+
+
+@functools.lru_cache(maxsize=256)
+def _source(base, scale, trainable_a, trainable_b):
+  return _row_source.LoraSource(base, scale, trainable_a, trainable_b)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _all_rows(arrays, source):
+  return source.rows_of(arrays, 0)
+
+
+def frozen_base(table: Any, caller: str) -> EmbeddingTable | QuantizedTable:
+  """``table`` as the frozen base of an adapter: a float `EmbeddingTable`
+  (its array taken out of any `pz.Parameter`) or a `QuantizedTable`.
+
+  Raises:
+    TypeError: for anything else (an adapted table: merge it first).
+  """
+  if isinstance(table, QuantizedTable):
+    return table
+  if isinstance(table, EmbeddingTable):
+    if table.frozen:
+      return table
+    return dataclasses.replace(table, embeddings=table.value)
+  hint = ""
+  if hasattr(table, "merged"):
+    hint = f" Fold its adapters in first: `table.merged().{caller}(...)`."
+  raise TypeError(
+    f"{caller}(): `table` must be an EmbeddingTable or a QuantizedTable, got"
+    f" {type(table).__name__}.{hint}"
+  )
+
+
+def with_lora(
+  table: EmbeddingTable | QuantizedTable,
+  rank: int,
+  alpha: float | None = None,
+  *,
+  name: str,
+  init_base_rng: jax.Array,
+) -> LoraTable:
+  """`EmbeddingTable.with_lora`: a frozen base plus LoRA adapters.
+
+  Raises:
+    TypeError: for a table that is neither a float nor a quantised table,
+      or arguments of the wrong type.
+    ValueError: for ``rank < 1``, ``alpha <= 0``, an empty name, or a table
+      axis already called ``"rank"``.
+  """
+  base = frozen_base(table, "with_lora")
+  rank = check_positive_int("rank", rank)
+  alpha = (
+    float(rank)
+    if alpha is None
+    else check_number("alpha", alpha, positive=True, finite=True)
+  )
+  check_name("name", name)
+  if not isinstance(init_base_rng, jax.Array):
+    raise TypeError(
+      "`init_base_rng` must be a JAX random key, e.g. jax.random.key(0);"
+      f" got {type(init_base_rng).__name__}."
+    )
+  axes = base.embedding_axes
+  if RANK_AXIS in axes or RANK_AXIS == base.vocabulary_axis:
+    raise ValueError(
+      f"The table already has an axis named {RANK_AXIS!r} (vocabulary axis"
+      f" {base.vocabulary_axis!r}, embedding axes {axes}); LoRA needs that"
+      " name for the adapters' rank."
+    )
+  label_b = f"{name}.lora_b"
+  key_b = pz.nn.derive_param_key(init_base_rng, label_b)
+  a = jnp.zeros((base.num_rows, rank), jnp.float32)
+  b = jax.random.normal(key_b, (rank, *axes.values()), jnp.float32)
+  return LoraTable(
+    base=base,
+    lora_a=pz.Parameter(
+      value=pz.nx.wrap(a, base.vocabulary_axis, RANK_AXIS),
+      label=f"{name}.lora_a",
+    ),
+    lora_b=pz.Parameter(value=pz.nx.wrap(b, RANK_AXIS, *axes), label=label_b),
+    alpha=alpha,
+  )

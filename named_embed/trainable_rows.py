@@ -1,0 +1,248 @@
+"""`TrainableRowsTable`: a frozen table of which a few rows train."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from named_embed import _row_source, _table_arrays
+from named_embed._validation import check_name
+from named_embed.lora import frozen_base
+from named_embed.quantized import QuantizedTable
+from named_embed.table import EmbeddingTable
+
+ROWS_AXIS = "rows"
+"""The axis name of the trainable rows."""
+
+
+@pz.pytree_dataclass
+class TrainableRowsTable(
+  pz.Struct, _row_source.NoFloatRows, _row_source.BaseFacts
+):
+  """A frozen table of which only the rows of a few tokens train.
+
+  Made by `EmbeddingTable.with_trainable_rows` (HF PEFT's
+  ``trainable_token_indices``): typically the rows of tokens just added
+  to the vocabulary. The table holds the frozen base and one parameter
+  ``{rows: k, *embedding}`` for the ``k`` chosen rows, so an optimiser's
+  state is ``k x D``, not ``V x D``. Every kernel reads the chosen rows
+  from the parameter and the others from the base: lookups of other ids
+  return base rows, decodes give the chosen tokens' logits from the
+  parameter (all other logits from the base), the fused loss does the
+  same chunk by chunk, and gradients reach the parameter only. The rows
+  start as the base's (dequantised, over a quantised base), so the table
+  computes what the base computes until it trains.
+
+  Example:
+
+  >>> import numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> table = ne.EmbeddingTable.from_pretrained(
+  ...     np.arange(8, dtype=np.float32).reshape(4, 2)
+  ... ).with_vocabulary(ne.Vocabulary(["a", "b", "<tool>", "</tool>"]))
+  >>> rows = table.with_trainable_rows(["</tool>", "<tool>"], name="embed")
+  >>> rows.row_ids, rows.rows.value.named_shape
+  ((2, 3), {'rows': 2, 'embedding': 2})
+  >>> [p.label for p in pz.unbind_params(rows)[1]]
+  ['embed.trainable_rows']
+
+  Attributes:
+    base: The frozen `EmbeddingTable` or `QuantizedTable`.
+    rows: The trainable rows ``{rows: k, *embedding}`` (a `pz.Parameter`),
+      in the order of ``row_ids``, in the base's float dtype.
+    row_ids: The ids of those rows, sorted.
+  """
+
+  base: EmbeddingTable | QuantizedTable
+  rows: Any
+  row_ids: tuple[int, ...] = dataclasses.field(
+    default=(), metadata={"pytree_node": False}
+  )
+
+  def __post_init__(self):
+    value = _table_arrays.value_or_none(self.rows)
+    if value is None or not hasattr(self.base, "embedding_axes"):
+      return
+    ids = self.row_ids
+    if list(ids) != sorted(set(ids)) or not all(
+      0 <= i < self.base.vocab_size for i in ids
+    ):
+      raise ValueError(
+        "`row_ids` must be distinct sorted ids in [0,"
+        f" {self.base.vocab_size}); got {ids}."
+      )
+    want = {ROWS_AXIS: len(ids), **self.embedding_axes}
+    if dict(value.named_shape) != want:
+      raise ValueError(
+        f"The trainable rows must have axes {want} for {len(ids)} row ids;"
+        f" got {dict(value.named_shape)}."
+      )
+
+  @property
+  def frozen(self) -> bool:
+    """True when the rows do not train (a plain array)."""
+    return _table_arrays.is_frozen(self.rows)
+
+  @property
+  def tokens(self) -> list[str] | None:
+    """The tokens of ``row_ids``, or None without a vocabulary."""
+    if self.vocabulary is None:
+      return None
+    return [self.vocabulary.token(i) for i in self.row_ids]
+
+  def row_parts(self) -> tuple[_row_source.RowSource, tuple[jax.Array, ...]]:
+    """The static row source and raw arrays kernels read."""
+    base_source, base_arrays = _row_source.table_parts(self.base)
+    value = _table_arrays.value_or_none(self.rows)
+    if value is None:
+      raise ValueError(
+        f"TrainableRowsTable.rows is an unbound {type(self.rows).__name__}"
+        f" (label {getattr(self.rows, 'label', None)!r}); bind a value"
+        " first, e.g. `pz.bind_variables(model, params)`."
+      )
+    values = _row_source.raw_in_order(value, (ROWS_AXIS, *self.embedding_axes))
+    source = _source(
+      base_source, self.row_ids, not _table_arrays.is_frozen(self.rows)
+    )
+    return source, (*base_arrays, values)
+
+  def merged(self) -> EmbeddingTable:
+    """The plain table with the trained rows written in (frozen), with the
+    base's vocabulary, padding row and alignment rows. Over a quantised
+    base the result is a *float* table (in the base's float dtype):
+    quantise it again explicitly if you want. This builds the whole table:
+    kernels never call it.
+    """
+    source, arrays = self.row_parts()
+    rows = _all_rows(arrays, source)
+    value = pz.nx.wrap(rows, self.vocabulary_axis, *self.embedding_axes)
+    base = self.base
+    return EmbeddingTable(
+      value,
+      self.vocabulary_axis,
+      base.padding_index,
+      vocabulary=base.vocabulary,
+      true_vocab_size=base.true_vocab_size,
+      rows_sharding=base.rows_sharding,
+    )
+
+  def summary(self, statistics: bool = True) -> str:
+    """The treescope summary line (see `named_embed.summarize`)."""
+    from named_embed import rendering
+
+    shown = self.tokens or [f"id {i}" for i in self.row_ids]
+    listed = ", ".join(map(repr, shown[:5]))
+    more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+    state = "frozen" if self.frozen else "trainable"
+    return (
+      f"{len(self.row_ids)} {state} row{'s' if len(self.row_ids) > 1 else ''}"
+      f" ({listed}{more}) over"
+      f" {rendering.summarize(self.base, statistics)}"
+    )
+
+  def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
+    from named_embed import rendering
+
+    return rendering.treescope_repr(self, path, subtree_renderer)
+
+
+@functools.lru_cache(maxsize=256)
+def _source(base, row_ids, trainable):
+  return _row_source.TrainableRowsSource(base, row_ids, trainable)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _all_rows(arrays, source):
+  return source.rows_of(arrays, 0)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _gather(arrays, ids, source):
+  return source.gather(arrays, ids)
+
+
+def resolve_ids(table: Any, tokens: Any) -> tuple[int, ...]:
+  """Sorted row ids of ``tokens`` (token strings and/or ids).
+
+  Raises:
+    TypeError: for a string instead of a list, or an item that is neither
+      a string nor an int.
+    ValueError: for an empty list, a token not in the vocabulary (or any
+      token string on a table without one), an id outside ``[0, V)``, or
+      a row named twice.
+  """
+  if isinstance(tokens, (str, bytes)) or not isinstance(
+    tokens, (list, tuple, np.ndarray)
+  ):
+    raise TypeError(
+      "`tokens` must be a list of tokens or ids, e.g. ['<tool>', '</tool>'];"
+      f" got {tokens!r}."
+    )
+  if not len(tokens):
+    raise ValueError("`tokens` must name at least one row; got an empty list.")
+  ids = [_row_id(table, item) for item in list(tokens)]
+  repeated = sorted({i for i in ids if ids.count(i) > 1})
+  if repeated:
+    raise ValueError(
+      f"`tokens` names rows {repeated} more than once ({list(tokens)!r})."
+    )
+  return tuple(sorted(ids))
+
+
+def _row_id(table: Any, item: Any) -> int:
+  vocab_size = table.vocab_size
+  if isinstance(item, str):
+    if table.vocabulary is None:
+      raise ValueError(
+        f"`tokens` holds the token {item!r}, but the table has no"
+        " vocabulary: give row ids, or attach one with `with_vocabulary`."
+      )
+    if item not in table.vocabulary:
+      raise ValueError(
+        f"`tokens`: {item!r} is not in the vocabulary ({vocab_size} tokens)."
+        " Add it first with `table.with_added_tokens([...])`."
+      )
+    return table.vocabulary.id(item)
+  if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+    raise TypeError(
+      f"`tokens` items must be token strings or int ids, got {item!r}."
+    )
+  if not 0 <= item < vocab_size:
+    raise ValueError(
+      f"`tokens`: id {int(item)} is outside [0, {vocab_size}) for a"
+      f" vocabulary of {vocab_size} tokens."
+    )
+  return int(item)
+
+
+def with_trainable_rows(
+  table: EmbeddingTable | QuantizedTable, tokens: Any, *, name: str
+) -> TrainableRowsTable:
+  """`EmbeddingTable.with_trainable_rows`: train only ``tokens``' rows."""
+  base = frozen_base(table, "with_trainable_rows")
+  check_name("name", name)
+  axes = base.embedding_axes
+  if ROWS_AXIS in axes or ROWS_AXIS == base.vocabulary_axis:
+    raise ValueError(
+      f"The table already has an axis named {ROWS_AXIS!r} (vocabulary axis"
+      f" {base.vocabulary_axis!r}, embedding axes {axes}); the trainable"
+      " rows need that name."
+    )
+  row_ids = resolve_ids(base, tokens)
+  source, arrays = _row_source.table_parts(base)
+  ids = jnp.asarray(row_ids, jnp.int32)
+  values = _gather(arrays, ids, source)
+  return TrainableRowsTable(
+    base=base,
+    rows=pz.Parameter(
+      value=pz.nx.wrap(values, ROWS_AXIS, *axes),
+      label=f"{name}.trainable_rows",
+    ),
+    row_ids=row_ids,
+  )

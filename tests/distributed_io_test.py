@@ -1,0 +1,177 @@
+"""Tests for `named_embed.formats.distributed_io` on one process: checkpoint
+directories (`ne.save` without a suffix), loads placed on a mesh, and the
+errors. Several processes: tests/multihost_test.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import named_embed as ne
+from named_embed import _processes
+from named_embed.formats import distributed_io
+
+INDEX = "model.safetensors.index.json"
+ROWS = (np.arange(8 * 4, dtype=np.float32).reshape(8, 4) / 3).astype(
+  ml_dtypes.bfloat16
+)
+ROWS[7] = 0  # the alignment row of the table below
+
+
+@pytest.fixture
+def table():
+  vocab = ne.Vocabulary([f"w{i}" for i in range(7)], pad="w0")
+  return (
+    ne.EmbeddingTable.from_pretrained(ROWS[:7], freeze=False, name="tok")
+    .padded_to_multiple(4)
+    .with_vocabulary(vocab)
+  )
+
+
+def test_a_path_without_a_suffix_is_a_directory(tmp_path):
+  assert distributed_io.is_directory_path(tmp_path / "out")
+  assert distributed_io.is_directory_path(f"{tmp_path}/out.d/")
+  assert distributed_io.is_directory_path(tmp_path)  # exists
+  assert not distributed_io.is_directory_path(tmp_path / "t.safetensors")
+  assert not distributed_io.is_directory_path(tmp_path / "t.bin")
+
+
+def test_directory_round_trip_keeps_everything(tmp_path, table):
+  out = tmp_path / "out"
+  ne.save(table, out)
+  assert sorted(os.listdir(out)) == ["model-00001-of-00001.safetensors", INDEX]
+  spec = json.loads((out / INDEX).read_text())
+  assert spec["weight_map"] == {
+    "embeddings": "model-00001-of-00001.safetensors"
+  }
+  metadata = spec["metadata"]
+  assert metadata["named_embed"] == "1" and metadata["total_size"] == 8 * 4 * 2
+  with safe_open(out / "model-00001-of-00001.safetensors", "np") as f:
+    assert f.metadata()["named_embed_save"] == metadata["named_embed_save"]
+  for loaded in (ne.load(out), ne.load(out / INDEX)):
+    assert loaded.rows_array().tobytes() == ROWS.tobytes()
+    assert (loaded.vocab_size, loaded.num_rows) == (7, 8)
+    assert loaded.vocabulary == table.vocabulary
+    assert (loaded.padding_index, loaded.embeddings.label) == (
+      0,
+      "tok.embeddings",
+    )
+  plain = ne.from_safetensors(out, "embeddings", true_vocab_size=7)
+  assert np.asarray(plain.rows_array()).tobytes() == ROWS.tobytes()
+
+
+def test_loads_placed_on_a_mesh(tmp_path, table):
+  mesh = jax.make_mesh((1, 1), ("data", "model"))
+  rules = {"vocabulary": "model", "batch": "data"}
+  ne.save(table, tmp_path / "t.safetensors")
+  ne.save(table, tmp_path / "out")
+  for path in (tmp_path / "t.safetensors", tmp_path / "out"):
+    placed = ne.load(path, mesh=mesh, rules=rules)
+    assert placed.rows_sharding.spec == jax.sharding.PartitionSpec(
+      "model", None
+    )
+    assert placed.rows_array().sharding.spec[0] == "model"
+    assert np.asarray(placed.rows_array()).tobytes() == ROWS.tobytes()
+    assert placed.vocabulary == table.vocabulary
+  hf = tmp_path / "hf.safetensors"
+  save_file({"embed.weight": np.ones((8, 4), np.float32)}, hf)
+  found = ne.from_safetensors(hf, "embed.weight", mesh=mesh, rules=rules)
+  assert found.rows_sharding.spec[0] == "model" and found.frozen
+
+
+def test_mesh_and_rules_are_checked(tmp_path, table):
+  path = tmp_path / "t.safetensors"
+  ne.save(table, path)
+  mesh = jax.make_mesh((1,), ("model",))
+  with pytest.raises(TypeError, match=r"`rules` must map axis names"):
+    ne.load(path, mesh=mesh)
+  with pytest.raises(TypeError, match=r"pass `mesh=` too"):
+    ne.load(path, rules={"vocabulary": "model"})
+  with pytest.raises(TypeError, match=r"must be a jax.sharding.Mesh"):
+    ne.load(path, mesh="model", rules={})
+  with pytest.raises(ValueError, match=r"not one of the mesh's axes"):
+    ne.load(path, mesh=mesh, rules={"vocabulary": "tensor"})
+
+
+def test_a_second_save_replaces_the_first_and_its_files(tmp_path, table):
+  out = tmp_path / "out"
+  out.mkdir()
+  stale = [
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+  ]
+  for name in stale:
+    (out / name).write_bytes(b"old")
+  (out / "notes.txt").write_text("kept")
+  old_index = {"metadata": {"named_embed": "1"}, "weight_map": {"x": stale[1]}}
+  (out / INDEX).write_text(json.dumps(old_index))
+  ne.save(table, out)
+  assert sorted(os.listdir(out)) == [
+    "model-00001-of-00001.safetensors",
+    "model-00001-of-00002.safetensors",  # the old index did not list it
+    INDEX,
+    "notes.txt",
+  ]
+  assert ne.load(out).rows_array().tobytes() == ROWS.tobytes()
+
+
+def test_a_foreign_checkpoint_is_never_overwritten(tmp_path, table):
+  save_file({"w": np.ones((2, 2), np.float32)}, tmp_path / "m.safetensors")
+  index = {"metadata": {}, "weight_map": {"w": "m.safetensors"}}
+  (tmp_path / INDEX).write_text(json.dumps(index))
+  with pytest.raises(ValueError, match=r"that named_embed did not write"):
+    ne.save(table, tmp_path)
+  assert json.loads((tmp_path / INDEX).read_text()) == index
+  file = tmp_path / "table"
+  file.write_text("a file")
+  with pytest.raises(FileExistsError, match=r"is a file. A path without"):
+    ne.save(table, file)
+
+
+def test_an_interrupted_save_leaves_no_index(tmp_path, table, monkeypatch):
+  out = tmp_path / "out"
+  ne.save(table, out)
+
+  def disk_full(*args):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(distributed_io, "_save_file", disk_full)
+  with pytest.raises(OSError, match="No space left"):
+    ne.save(table, out)
+  assert sorted(os.listdir(out)) == ["model-00001-of-00001.safetensors"]
+  with pytest.raises(ValueError, match=r"without its index .* interrupted"):
+    ne.load(out)
+
+
+def test_a_mesh_that_does_not_divide_the_rows_is_named(tmp_path):
+  path = tmp_path / "t.safetensors"
+  ne.save(ne.EmbeddingTable.from_pretrained(np.ones((5, 2), np.float32)), path)
+  mesh = jax.make_mesh((1,), ("model",))
+  fake = jax.sharding.AbstractMesh((4,), ("model",))
+  with pytest.raises(ValueError, match=r"of shape \{'vocabulary': 5, 'emb"):
+    distributed_io._placement(
+      ne.formats.stored_tensors.open_tensor(path, "embeddings"),
+      lambda stored, rows: ne.EmbeddingTable.from_pretrained(rows),
+      fake,
+      {"vocabulary": "model"},
+    )
+  assert ne.load(path, mesh=mesh, rules={"vocabulary": "model"}).num_rows == 5
+
+
+def test_one_process_agrees_with_itself(monkeypatch):
+  assert _processes.share("step", "v") == ["v"]
+  with pytest.raises(KeyError):
+    with _processes.together("step"):
+      raise KeyError("x")
+  monkeypatch.setenv(_processes.TIMEOUT_VARIABLE, "2.5")
+  assert _processes.timeout_seconds() == 2.5
+  monkeypatch.setenv(_processes.TIMEOUT_VARIABLE, "soon")
+  with pytest.raises(ValueError, match=r"positive number of seconds"):
+    _processes.timeout_seconds()

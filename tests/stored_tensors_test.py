@@ -1,0 +1,133 @@
+"""Tests for `named_embed.formats.stored_tensors`: tensors stored whole or
+in blocks, read a region at a time."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from named_embed.formats import stored_tensors
+from named_embed.formats.stored_tensors import block_name, open_tensor
+
+WHOLE = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+
+
+def write_blocks(directory, blocks, metadata=None, files=None):
+  """Blocks ``{(start, stop): array}`` of tensor "w", one file each, and an
+  index."""
+  weight_map = {}
+  for number, ((start, stop), array) in enumerate(blocks.items()):
+    name = block_name("w", start, stop)
+    file = (files or {}).get(name, f"part-{number}.safetensors")
+    save_file({name: array}, directory / file, metadata=metadata)
+    weight_map[name] = file
+  index = {"metadata": metadata or {}, "weight_map": weight_map}
+  (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def grid(rows, cols, array=WHOLE):
+  """The blocks of ``array`` cut at ``rows`` and ``cols`` boundaries."""
+  blocks = {}
+  for r0, r1 in zip(rows[:-1], rows[1:]):
+    for c0, c1 in zip(cols[:-1], cols[1:]):
+      # C order: safetensors writes the raw buffer of what it is given
+      blocks[((r0, c0), (r1, c1))] = np.ascontiguousarray(array[r0:r1, c0:c1])
+  return blocks
+
+
+def test_block_names_round_trip():
+  name = block_name("model.embed_tokens.weight", (3, 0), (9, 64))
+  assert name == "model.embed_tokens.weight[3:9,0:64]"
+  assert stored_tensors.parse_block_name(name) == (
+    "model.embed_tokens.weight",
+    (3, 0),
+    (9, 64),
+  )
+  for plain in ("w", "w[0]", "w[a:b]", "w[1:2]x"):
+    assert stored_tensors.parse_block_name(plain) == (plain, (), ())
+
+
+@pytest.mark.parametrize(
+  "rows, cols", [([0, 8], [0, 6]), ([0, 2, 8], [0, 6]), ([0, 4, 8], [0, 3, 6])]
+)
+def test_any_region_reads_back_from_any_grid(tmp_path, rows, cols):
+  write_blocks(tmp_path, grid(rows, cols))
+  stored = open_tensor(tmp_path, "w")
+  assert (stored.shape, stored.dtype) == ((8, 6), np.float32)
+  assert len(stored.blocks) == (len(rows) - 1) * (len(cols) - 1)
+  np.testing.assert_array_equal(stored.read(), WHOLE)
+  for region in [
+    (slice(1, 7),),
+    (slice(3, 4), slice(2, 5)),
+    (slice(0, 8), slice(5, 6)),
+    (slice(2, 2),),
+  ]:
+    np.testing.assert_array_equal(stored.read(region), WHOLE[region])
+
+
+def test_bfloat16_blocks_read_bit_for_bit(tmp_path):
+  rows = (WHOLE / 7).astype(ml_dtypes.bfloat16)
+  write_blocks(tmp_path, grid([0, 4, 8], [0, 6], rows))
+  stored = open_tensor(tmp_path, "w")
+  assert stored.dtype == np.dtype(ml_dtypes.bfloat16)
+  assert stored.read((slice(2, 6),)).tobytes() == rows[2:6].tobytes()
+
+
+def test_blocks_that_do_not_tile_are_refused(tmp_path):
+  gap = {((0, 0), (3, 6)): WHOLE[:3], ((4, 0), (8, 6)): WHOLE[4:]}
+  write_blocks(tmp_path, gap)
+  with pytest.raises(ValueError, match=r"do not tile dimension 0"):
+    open_tensor(tmp_path, "w")
+
+
+def test_missing_cells_are_refused(tmp_path):
+  blocks = grid([0, 4, 8], [0, 3, 6])
+  del blocks[((4, 3), (8, 6))]
+  write_blocks(tmp_path, blocks)
+  with pytest.raises(ValueError, match=r"3 blocks do not cover a \(8, 6\)"):
+    open_tensor(tmp_path, "w")
+
+
+def test_a_block_of_the_wrong_shape_is_corrupt(tmp_path):
+  write_blocks(tmp_path, grid([0, 4, 8], [0, 6]))
+  save_file({"w[4:8,0:6]": WHOLE[:3]}, tmp_path / "part-1.safetensors")
+  stored = open_tensor(tmp_path, "w")
+  np.testing.assert_array_equal(stored.read((slice(0, 4),)), WHOLE[:4])
+  with pytest.raises(ValueError, match=r"has shape \(3, 6\).*needs shape"):
+    stored.read()
+
+
+def test_a_file_of_another_save_is_refused(tmp_path):
+  write_blocks(tmp_path, grid([0, 4, 8], [0, 6]), {"named_embed_save": "a"})
+  save_file(
+    {"w[4:8,0:6]": WHOLE[4:]},
+    tmp_path / "part-1.safetensors",
+    metadata={"named_embed_save": "b"},
+  )
+  stored = open_tensor(tmp_path, "w")
+  with pytest.raises(ValueError, match=r"written by another save"):
+    stored.read((slice(5, 6),))
+
+
+def test_missing_tensors_and_files_are_named(tmp_path):
+  save_file({"w": WHOLE, "bias": WHOLE[0]}, tmp_path / "one.safetensors")
+  with pytest.raises(ValueError, match=r"has no tensor 'x'.*'bias', 'w'"):
+    open_tensor(tmp_path / "one.safetensors", "x")
+  write_blocks(tmp_path, grid([0, 4, 8], [0, 6]))
+  with pytest.raises(ValueError, match=r"maps no tensor 'x'"):
+    open_tensor(tmp_path, "x")
+  (tmp_path / "part-1.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match=r"part-1.safetensors"):
+    open_tensor(tmp_path, "w")
+
+
+def test_blocks_inside_one_file_without_an_index(tmp_path):
+  blocks = {block_name("w", *r): a for r, a in grid([0, 5, 8], [0, 6]).items()}
+  save_file(blocks, tmp_path / "blocks.safetensors")
+  stored = open_tensor(tmp_path / "blocks.safetensors", "w")
+  np.testing.assert_array_equal(stored.read(), WHOLE)
+  assert "2 blocks in 1 files" in stored.describe()
