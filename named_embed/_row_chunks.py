@@ -21,7 +21,7 @@ from jax import lax
 from named_embed import _chunked_ce
 
 
-def _contract(hidden: jax.Array, rows: jax.Array) -> jax.Array:
+def contract(hidden: jax.Array, rows: jax.Array) -> jax.Array:
   """``hidden [N, E] . rows [R, E]^T`` in ``hidden``'s dtype."""
   return lax.dot_general(
     hidden,
@@ -91,7 +91,7 @@ def _logits_loop(hidden, arrays, source, chunk_size):
   n = hidden.shape[0]
 
   def step(out, start, size):
-    z = _contract(hidden, reader.rows(start, size))
+    z = contract(hidden, reader.rows(start, size))
     return lax.dynamic_update_slice_in_dim(out, z, start, axis=1)
 
   out = jnp.zeros((n, reader.num_rows), hidden.dtype)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
+from penzai import pz
 
 from named_embed import _layout, _quantization, _row_chunks
 
@@ -48,16 +49,6 @@ def _take(array: jax.Array, ids: jax.Array) -> jax.Array:
     mode="promise_in_bounds",
     wrap_negative_indices=False,
     out_sharding=_layout.gather_sharding(array, ids),
-  )
-
-
-def _contract(hidden: jax.Array, rows: jax.Array) -> jax.Array:
-  """``hidden [N, E] . rows [R, E]^T`` in ``hidden``'s dtype."""
-  return lax.dot_general(
-    hidden,
-    rows.astype(hidden.dtype),
-    (((1,), (1,)), ((), ())),
-    preferred_element_type=hidden.dtype,
   )
 
 
@@ -120,7 +111,7 @@ class DenseSource(RowSource):
   def logits(self, arrays, hidden, offset=0):
     del offset
     rows = arrays[0]
-    return _contract(hidden, rows.reshape(rows.shape[0], -1))
+    return _row_chunks.contract(hidden, rows.reshape(rows.shape[0], -1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +199,10 @@ class LoraSource(RowSource):
   def logits(self, arrays, hidden, offset=0):
     *base, a, b = arrays
     z = self.base.logits(base, hidden, offset)
-    hb = _contract(hidden, b.reshape(b.shape[0], -1))  # [N, rank]
-    low_rank = _contract(hb, a) * jnp.asarray(self.scale, hidden.dtype)
+    hb = _row_chunks.contract(hidden, b.reshape(b.shape[0], -1))  # [N, rank]
+    low_rank = _row_chunks.contract(hb, a) * jnp.asarray(
+      self.scale, hidden.dtype
+    )
     return z + low_rank
 
 
@@ -268,7 +261,9 @@ class TrainableRowsSource(RowSource):
   def logits(self, arrays, hidden, offset=0):
     *base, values = arrays
     z = self.base.logits(base, hidden, offset)
-    own = _contract(hidden, values.reshape(values.shape[0], -1))  # [N, k]
+    own = _row_chunks.contract(
+      hidden, values.reshape(values.shape[0], -1)
+    )  # [N, k]
     columns = jnp.asarray(self.row_ids, jnp.int32) - offset
     inside = (columns >= 0) & (columns < z.shape[1])
     columns = jnp.where(inside, columns, z.shape[1])  # dropped below
@@ -348,6 +343,22 @@ class BaseFacts:
   def dtype(self) -> np.dtype:
     """The dtype of the rows as read (the base's)."""
     return np.dtype(self.base.dtype)
+
+  def float_table(self, rows: jax.Array):
+    """A frozen float `EmbeddingTable` of ``rows`` that is otherwise the
+    base (pad token row, vocabulary, alignment rows, placement)."""
+    from named_embed.table import EmbeddingTable
+
+    base = self.base
+    value = pz.nx.wrap(rows, self.vocabulary_axis, *self.embedding_axes)
+    return EmbeddingTable(
+      value,
+      self.vocabulary_axis,
+      base.padding_index,
+      vocabulary=base.vocabulary,
+      true_vocab_size=base.true_vocab_size,
+      rows_sharding=base.rows_sharding,
+    )
 
 
 # ------------------------------------------------------------ kernel helpers

@@ -130,16 +130,7 @@ class LoraTable(pz.Struct, _row_source.NoFloatRows, _row_source.BaseFacts):
     """
     source, arrays = self.row_parts()
     rows = _all_rows(arrays, source)
-    base = self.base
-    value = pz.nx.wrap(rows, self.vocabulary_axis, *self.embedding_axes)
-    return EmbeddingTable(
-      value,
-      self.vocabulary_axis,
-      base.padding_index,
-      vocabulary=base.vocabulary,
-      true_vocab_size=base.true_vocab_size,
-      rows_sharding=base.rows_sharding,
-    )
+    return self.float_table(rows)
 
   def summary(self, statistics: bool = True) -> str:
     """The treescope summary line (see `named_embed.summarize`)."""

@@ -121,16 +121,7 @@ class TrainableRowsTable(
     """
     source, arrays = self.row_parts()
     rows = _all_rows(arrays, source)
-    value = pz.nx.wrap(rows, self.vocabulary_axis, *self.embedding_axes)
-    base = self.base
-    return EmbeddingTable(
-      value,
-      self.vocabulary_axis,
-      base.padding_index,
-      vocabulary=base.vocabulary,
-      true_vocab_size=base.true_vocab_size,
-      rows_sharding=base.rows_sharding,
-    )
+    return self.float_table(rows)
 
   def summary(self, statistics: bool = True) -> str:
     """The treescope summary line (see `named_embed.summarize`)."""
