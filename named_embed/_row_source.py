@@ -92,14 +92,19 @@ class RowSource:
 
 @dataclasses.dataclass(frozen=True)
 class DenseSource(RowSource):
-  """One float array ``[V, *embedding]``: the frozen base of an adapter."""
+  """One float array ``[V, *embedding]``: a plain table's rows (trainable
+  when ``trains``), or the frozen base of an adapter."""
 
   num_rows: int
   row_shape: tuple[int, ...]
   dtype: np.dtype
+  trains: bool = False
 
   row_aligned = (True,)
-  trainable = (False,)
+
+  @property
+  def trainable(self):
+    return (self.trains,)
 
   def gather(self, arrays, ids):
     return _take(arrays[0], ids)
@@ -394,16 +399,12 @@ def raw_in_order(array, names: tuple[str, ...]) -> jax.Array:
 
 
 def table_parts(table) -> tuple[RowSource, tuple]:
-  """``table.row_parts()``, or for a plain `EmbeddingTable` (the base of an
-  adapter) its rows as a `DenseSource`."""
-  if isinstance(table, NoFloatRows):
-    return table.row_parts()
-  rows = table.rows_array()
-  return _dense(rows.shape[0], tuple(rows.shape[1:]), np.dtype(rows.dtype)), (
-    rows,
-  )
+  """``table.row_parts()``: the static source and raw arrays of any kind of
+  table (`named_embed._table_kind.AbstractTable`)."""
+  return table.row_parts()
 
 
 @functools.lru_cache(maxsize=256)
-def _dense(num_rows, row_shape, dtype):
-  return DenseSource(num_rows, row_shape, dtype)
+def dense_source(num_rows, row_shape, dtype, trains: bool = False):
+  """The (cached) `DenseSource` of a ``[num_rows, *row_shape]`` array."""
+  return DenseSource(num_rows, row_shape, np.dtype(dtype), trains)

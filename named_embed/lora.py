@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from named_embed import _row_source, _table_arrays
+from named_embed._table_kind import AbstractTable
 from named_embed._validation import (
   check_name,
   check_number,
@@ -24,7 +25,9 @@ RANK_AXIS = "rank"
 
 
 @pz.pytree_dataclass
-class LoraTable(pz.Struct, _row_source.NoFloatRows, _row_source.BaseFacts):
+class LoraTable(
+  pz.Struct, AbstractTable, _row_source.NoFloatRows, _row_source.BaseFacts
+):
   """A frozen table plus LoRA adapters: rows ``base + (alpha / rank) * A @ B``.
 
   Made by `EmbeddingTable.with_lora` (or `QuantizedTable.with_lora`). The

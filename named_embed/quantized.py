@@ -12,6 +12,7 @@ import numpy as np
 from penzai import pz
 
 from named_embed import _quantization, _row_source, _table_arrays
+from named_embed._table_kind import AbstractTable
 from named_embed._validation import (
   check_choice,
   check_optional_positive_int,
@@ -23,7 +24,7 @@ from named_embed.vocabulary import Vocabulary
 
 
 @pz.pytree_dataclass
-class QuantizedTable(pz.Struct, _row_source.NoFloatRows):
+class QuantizedTable(pz.Struct, AbstractTable, _row_source.NoFloatRows):
   """An embedding table stored as symmetric integer codes and float scales.
 
   Made by `EmbeddingTable.quantized`. Each group of values (a whole row,

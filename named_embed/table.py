@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _norms, _table_arrays
+from named_embed import _norms, _row_source, _table_arrays
 from named_embed._initializers import default_initializer, initialize
+from named_embed._table_kind import AbstractTable
 from named_embed._validation import (
   check_embedding_axes,
   check_float_dtype,
@@ -30,7 +31,7 @@ EmbeddingsLike = pz.Parameter | pz.ParameterValue | pz.nx.NamedArray
 
 
 @pz.pytree_dataclass
-class EmbeddingTable(pz.Struct):
+class EmbeddingTable(pz.Struct, AbstractTable):
   """A table of embedding vectors, one row per token of a vocabulary.
 
   The table holds a `NamedArray` with one *vocabulary* axis and one or more
@@ -366,6 +367,22 @@ class EmbeddingTable(pz.Struct):
     (4, 2)
     """
     return self.rows_and_axes()[0]
+
+  def row_parts(self) -> tuple[_row_source.RowSource, tuple[jax.Array]]:
+    """The table contract (`named_embed._table_kind.AbstractTable`): a
+    `DenseSource` (trainable unless frozen) and the raw rows.
+
+    >>> import numpy as np, named_embed as ne
+    >>> source, (rows,) = ne.EmbeddingTable.from_pretrained(
+    ...     np.ones((4, 2), np.float32)).row_parts()
+    >>> source.num_rows, source.trainable, rows.shape
+    (4, (False,), (4, 2))
+    """
+    rows = self.rows_array()
+    source = _row_source.dense_source(
+      rows.shape[0], tuple(rows.shape[1:]), rows.dtype, not self.frozen
+    )
+    return source, (rows,)
 
   def token_rows(self) -> jax.Array:
     """The ``[vocab_size, *embedding]`` rows of real tokens (alignment rows

@@ -12,6 +12,7 @@ import numpy as np
 from penzai import pz
 
 from named_embed import _row_source, _table_arrays
+from named_embed._table_kind import AbstractTable
 from named_embed._validation import check_name
 from named_embed.lora import frozen_base
 from named_embed.quantized import QuantizedTable
@@ -23,7 +24,7 @@ ROWS_AXIS = "rows"
 
 @pz.pytree_dataclass
 class TrainableRowsTable(
-  pz.Struct, _row_source.NoFloatRows, _row_source.BaseFacts
+  pz.Struct, AbstractTable, _row_source.NoFloatRows, _row_source.BaseFacts
 ):
   """A frozen table of which only the rows of a few tokens train.
 

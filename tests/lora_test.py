@@ -79,7 +79,10 @@ def test_lookup_decode_and_loss_equal_the_merged_table(run, quantized):
   base_rows, a, b, scale = parts(lora)
   merged = base_rows + scale * a @ b
   np.testing.assert_allclose(
-    raw(lora.merged().value, "vocabulary", "embedding"), merged, rtol=1e-6
+    raw(lora.merged().value, "vocabulary", "embedding"),
+    merged,
+    rtol=1e-5,
+    atol=1e-6,
   )
   frozen = pz.freeze_params(lora)
   ids = np.array([[1, 22, 0], [5, 5, 30]])
