@@ -25,12 +25,13 @@ target, ``eps`` the label smoothing and ``lse = logsumexp(z)``::
 vocabulary-parallel loss (`named_embed._vocab_parallel`), where each device
 runs them on its own rows and combines the statistics with collectives.
 
-``table`` is either the raw rows or a *reader* of a compressed or adapted
-table (`named_embed._row_source.Reader`: ``num_rows``, ``rows(start,
-size)``, ``zero_grads()``, ``add_grads(grads, start, size, d_chunk)``),
-which makes each chunk's float rows from its own arrays (dequantising, or
-adding adapters) and pulls each chunk's gradient back to its trainable
-arrays; `source_cross_entropy` is the loss on such a table.
+The rows are read through a *loss reader* (`named_embed._row_chunks.
+LossReader`, made by the table's row source: ``source.loss_reader(arrays,
+hidden, offset)``): each chunk's logits forwards, and backwards each
+chunk's ``d logits`` turned into ``d hidden`` and the gradients of the
+source's trainable arrays. A plain table's reader slices its rows; a
+quantised one dequantises each chunk; LoRA adds its low-rank term at the
+logit level. One kernel serves every kind of table.
 """
 
 from __future__ import annotations
@@ -90,35 +91,19 @@ def over_chunks(step, carry, num_rows: int, chunk_size: int):
   return carry
 
 
-def _is_reader(table) -> bool:
-  return hasattr(table, "add_grads")
-
-
-def _num_rows(table) -> int:
-  return table.num_rows if _is_reader(table) else table.shape[0]
-
-
-def _chunk_logits(hidden, table, start, rows, offset, config: LossConfig):
-  """Capped logits ``[N, rows]`` of rows ``start:start+rows``, the chunk,
-  and which of its columns are real tokens (None if all may be)."""
-  if _is_reader(table):
-    chunk = table.rows(start, rows)
-  else:
-    chunk = lax.dynamic_slice_in_dim(table, start, rows, axis=0)
-  z = lax.dot_general(
-    hidden,
-    chunk.astype(hidden.dtype),
-    (((1,), (1,)), ((), ())),
-    preferred_element_type=hidden.dtype,
-  )
+def _chunk_logits(reader, start, rows, offset, config: LossConfig):
+  """Capped logits ``[N, rows]`` of rows ``start:start+rows``, the
+  reader's chunk context, and which columns are real tokens (None if all
+  may be)."""
+  z, context = reader.logits(start, rows)
   if config.soft_cap is not None:
     cap = jnp.asarray(config.soft_cap, z.dtype)
     z = cap * jnp.tanh(z / cap)
   real = None
-  if config.vocab_size < _num_rows(table) or not isinstance(offset, int):
+  if config.vocab_size < reader.num_rows or not isinstance(offset, int):
     real = (offset + start + jnp.arange(rows)) < config.vocab_size
     z = jnp.where(real[None, :], z, jnp.full((), -jnp.inf, z.dtype))
-  return z, chunk, real
+  return z, context, real
 
 
 def _target_logit(logits, targets, first_id, rows):
@@ -131,19 +116,20 @@ def _target_logit(logits, targets, first_id, rows):
   return jnp.where(inside, picked, jnp.zeros_like(picked))
 
 
-def local_stats(hidden, table, targets, offset, config: LossConfig):
-  """``(max, sum_exp, target_logit, logit_sum)`` over these rows, each [N].
+def local_stats(reader, targets, offset, config: LossConfig):
+  """``(max, sum_exp, target_logit, logit_sum)`` over the reader's rows,
+  each [N], in the reader's hidden dtype.
 
   ``offset`` is the global id of row 0 (0, or a traced shard offset).
   """
-  n = hidden.shape[0]
-  acc = hidden.dtype
+  n = targets.shape[0]
+  acc = reader.hidden.dtype
   zeros = jnp.zeros((n,), acc)
   carry = (jnp.full((n,), -jnp.inf, acc), zeros, zeros, zeros)
 
   def step(carry, start, rows):
     m, s, t, total = carry
-    z, _, real = _chunk_logits(hidden, table, start, rows, offset, config)
+    z, _, real = _chunk_logits(reader, start, rows, offset, config)
     m_new = jnp.maximum(m, jnp.max(z, axis=1))
     # A shard holding only alignment rows keeps m = -inf: guard exp(-inf+inf).
     shift = jnp.where(jnp.isfinite(m_new), m_new, jnp.zeros_like(m_new))
@@ -154,7 +140,7 @@ def local_stats(hidden, table, targets, offset, config: LossConfig):
       total = total + jnp.sum(finite, axis=1)
     return (m_new, s, t, total)
 
-  return over_chunks(step, carry, _num_rows(table), config.chunk_size)
+  return over_chunks(step, carry, reader.num_rows, config.chunk_size)
 
 
 def combine_stats(stats, axis_name: str | None):
@@ -184,14 +170,14 @@ def position_loss(lse, target_logit, logit_sum, config: LossConfig):
   return loss
 
 
-def local_grads(hidden, table, targets, lse, g, offset, config: LossConfig):
-  """``(d_hidden [N, E] from these rows, d_table [R, E])`` (for a reader:
-  its ``zero_grads()`` tuple, filled).
+def local_grads(reader, targets, lse, g, offset, config: LossConfig):
+  """``(d_hidden [N, E] from the reader's rows, d_arrays)`` (None for the
+  arrays that do not train).
 
-  ``hidden`` is in the accumulation dtype; ``g`` is the per-position
-  cotangent (zero where a position must not train anything).
+  ``g`` is the per-position cotangent (zero where a position must not
+  train anything), in the reader's hidden dtype.
   """
-  acc = hidden.dtype
+  acc = reader.hidden.dtype
   eps = config.label_smoothing
   # d loss / d z_v = g * (p_v * (1 + 2 z_loss lse) - q_v)
   p_scale = g * (1.0 + 2.0 * config.z_loss * lse)
@@ -199,8 +185,7 @@ def local_grads(hidden, table, targets, lse, g, offset, config: LossConfig):
   q_uniform = g * (eps / config.vocab_size)
 
   def step(carry, start, rows):
-    d_hidden, d_table = carry
-    z, chunk, real = _chunk_logits(hidden, table, start, rows, offset, config)
+    z, context, real = _chunk_logits(reader, start, rows, offset, config)
     dz = jnp.exp(z - lse[:, None]) * p_scale[:, None] - q_uniform[:, None]
     local = targets - (offset + start)
     column = jnp.arange(rows, dtype=local.dtype)
@@ -212,80 +197,45 @@ def local_grads(hidden, table, targets, lse, g, offset, config: LossConfig):
       dz = dz * (1.0 - (z / cap) ** 2)
     if real is not None:  # alignment rows: no gradient (and no inf * 0)
       dz = jnp.where(real[None, :], dz, jnp.zeros((), acc))
-    d_hidden = d_hidden + dz @ chunk.astype(acc)
-    d_chunk = lax.dot_general(dz, hidden, (((0,), (0,)), ((), ())))
-    if _is_reader(table):
-      return d_hidden, table.add_grads(d_table, start, rows, d_chunk)
-    d_table = lax.dynamic_update_slice_in_dim(
-      d_table, d_chunk.astype(d_table.dtype), start, axis=0
-    )
-    return d_hidden, d_table
+    return reader.add_grads(carry, start, rows, dz, context)
 
-  if _is_reader(table):
-    zeros = table.zero_grads()
-  else:
-    zeros = jnp.zeros(table.shape, table.dtype)
-  carry = (jnp.zeros(hidden.shape, acc), zeros)
-  return over_chunks(step, carry, _num_rows(table), config.chunk_size)
+  carry = over_chunks(
+    step, reader.zero_grads(), reader.num_rows, config.chunk_size
+  )
+  return reader.grads(carry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def chunked_cross_entropy(hidden, table, targets, config: LossConfig):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def chunked_cross_entropy(hidden, arrays, targets, config: LossConfig, source):
   """Per-position loss ``[N]`` on one device (see the module docstring),
-  in the accumulation dtype (float32, or float64 for float64 hidden).
+  in the accumulation dtype (float32, or float64 for float64 hidden), of
+  a table given as its row source and arrays
+  (`named_embed._row_source.RowSource`). The gradient reaches the
+  source's trainable arrays only (None for the others).
 
   ``targets`` must already be in ``[0, vocab_size)``; positions are not
   masked here.
   """
-  return _forward(hidden, table, targets, config)[0]
+  return _forward(hidden, arrays, targets, config, source)[0]
 
 
-def _forward(hidden, table, targets, config):
+def _forward(hidden, arrays, targets, config, source):
   acc = _norms.accumulation_dtype(hidden.dtype)
-  stats = local_stats(hidden.astype(acc), table, targets, 0, config)
-  lse, t, total = combine_stats(stats, None)
-  loss = position_loss(lse, t, total, config)
-  return loss, (hidden, table, targets, lse)
-
-
-def _bwd(config: LossConfig, residuals, g):
-  hidden, table, targets, lse = residuals
-  acc = lse.dtype
-  d_hidden, d_table = local_grads(
-    hidden.astype(acc), table, targets, lse, g.astype(acc), 0, config
-  )
-  return d_hidden.astype(hidden.dtype), d_table, None
-
-
-chunked_cross_entropy.defvjp(_forward, _bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def source_cross_entropy(hidden, arrays, targets, config: LossConfig, source):
-  """`chunked_cross_entropy` of a compressed or adapted table: its arrays
-  and its static row source (`named_embed._row_source.RowSource`). The
-  gradient reaches the source's trainable arrays only (None for the
-  others)."""
-  return _source_forward(hidden, arrays, targets, config, source)[0]
-
-
-def _source_forward(hidden, arrays, targets, config, source):
-  acc = _norms.accumulation_dtype(hidden.dtype)
-  reader = source.reader(arrays)
-  stats = local_stats(hidden.astype(acc), reader, targets, 0, config)
+  reader = source.loss_reader(arrays, hidden.astype(acc))
+  stats = local_stats(reader, targets, 0, config)
   lse, t, total = combine_stats(stats, None)
   loss = position_loss(lse, t, total, config)
   return loss, (hidden, arrays, targets, lse)
 
 
-def _source_bwd(config: LossConfig, source, residuals, g):
+def _bwd(config: LossConfig, source, residuals, g):
   hidden, arrays, targets, lse = residuals
   acc = lse.dtype
-  reader = source.reader(arrays)
+  reader = source.loss_reader(arrays, hidden.astype(acc))
   d_hidden, d_arrays = local_grads(
-    hidden.astype(acc), reader, targets, lse, g.astype(acc), 0, config
+    reader, targets, lse, g.astype(acc), 0, config
   )
   return d_hidden.astype(hidden.dtype), d_arrays, None
 
 
-source_cross_entropy.defvjp(_source_forward, _source_bwd)
+chunked_cross_entropy.defvjp(_forward, _bwd)

@@ -30,13 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from named_embed import (
-  _layout,
-  _norms,
-  _out_of_range,
-  _row_source,
-  _table_arrays,
-)
+from named_embed import _layout, _norms, _out_of_range, _row_source, _static
 from named_embed._validation import (
   check_bool,
   check_choice,
@@ -47,8 +41,8 @@ from named_embed._validation import (
 STRATEGIES = ("gather", "one_hot")
 
 
-@dataclasses.dataclass(frozen=True)
-class RowPolicy:
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowPolicy(_static.Static):
   """Static configuration of a lookup (hashable: a jit cache key).
 
   Attributes:
@@ -229,60 +223,29 @@ def gradient_weight(
   return _gradient_weight(safe, valid, num_rows, policy)
 
 
-def _one_hot_rows(table: jax.Array, safe: jax.Array) -> jax.Array:
-  """``one_hot(safe, V) @ table``, exact in every float dtype."""
-  one_hot = jax.nn.one_hot(safe, table.shape[0], dtype=table.dtype)
-  return jax.lax.dot_general(
-    one_hot,
-    table,
-    (((one_hot.ndim - 1,), (0,)), ((), ())),
-    precision=jax.lax.Precision.HIGHEST,
-    preferred_element_type=table.dtype,
-  )
-
-
 def gather_rows(
-  table: jax.Array | tuple,
+  arrays: tuple,
   ids: jax.Array,
   policy: RowPolicy,
-  source: _row_source.RowSource | None = None,
+  source: _row_source.RowSource,
 ):
-  """Looks up ``ids`` in ``table`` (``[V, *embedding]``) under ``policy``.
-
-  With a ``source`` (a compressed or adapted table), ``table`` is the
-  source's tuple of arrays and the source makes the rows of the ids
-  (`named_embed._row_source`); every rule below applies to those rows.
-  """
-  if source is None:
-    num_rows, arrays = table.shape[0], (table,)
-  else:
-    num_rows, arrays = source.num_rows, table
+  """Looks up ``ids`` in a table given as its row source and arrays
+  (`named_embed._row_source`) under ``policy``: the source makes the rows
+  of the safe ids (`RowSource.gather`, or `RowSource.one_hot` under the
+  ``"one_hot"`` strategy), and every rule applies to those rows."""
+  num_rows = source.num_rows
   vocab_size = policy.vocab_size or num_rows
   sharded = _layout.spans_devices(*arrays, ids) or _layout.splits(
     policy.rows_sharding
   )
-  if source is None:
-    table = _table_arrays.kernel_rows(
-      table, policy.frozen, policy.rows_sharding
-    )
-  else:
-    table = _row_source.prepare(source, table, policy.rows_sharding)
+  arrays = source.prepare(arrays, policy.rows_sharding)
   safe, valid = _out_of_range.safe_ids(
     ids, vocab_size, policy.out_of_range, policy.runtime_check, sharded
   )
-  if source is not None:
-    rows = source.gather(table, safe)
-  elif num_rows == 1:
-    # Broadcast instead of gather: the backward pass is a sum, not a scatter.
-    rows = jnp.broadcast_to(table[0], ids.shape + table.shape[1:])
-  elif policy.strategy == "one_hot":
-    rows = _one_hot_rows(table, safe)
+  if policy.strategy == "one_hot":
+    rows = source.one_hot(arrays, safe)
   else:
-    rows = table.at[safe].get(
-      mode="promise_in_bounds",
-      wrap_negative_indices=False,
-      out_sharding=_layout.gather_sharding(table, safe),
-    )
+    rows = source.gather(arrays, safe)
   if policy.max_norm is not None:
     rows = _renorm_straight_through(
       rows, policy.max_norm, policy.norm_type, ids.ndim
@@ -299,20 +262,18 @@ def gather_rows(
 
 
 def compile_gather(
-  policy: RowPolicy,
-  scope: str,
-  source: _row_source.RowSource | None = None,
+  policy: RowPolicy, scope: str, source: _row_source.RowSource
 ):
-  """`gather_rows` under ``policy`` (and ``source``), jitted.
+  """`gather_rows` under ``policy`` and ``source``, jitted.
 
   Inlined under an outer `jax.jit`; an executable when called eagerly. The
-  policy is closed over rather than passed to `jax.jit` as a static
-  argument: the jitted call sees only two arrays. Callers cache the result
-  (the lookup's per-call plan).
+  policy and source are closed over rather than passed to `jax.jit` as
+  static arguments: the jitted call sees only the arrays. Callers cache
+  the result (the lookup's per-call plan).
   """
 
-  def gather_rows_kernel(table, ids):
+  def gather_rows_kernel(arrays, ids):
     with jax.named_scope(scope):
-      return gather_rows(table, ids, policy, source)
+      return gather_rows(arrays, ids, policy, source)
 
   return jax.jit(gather_rows_kernel)

@@ -3,12 +3,15 @@
 A decode contracts every embedding axis of the table against ``hidden``;
 `check_hidden` checks that ``hidden`` holds them (with the right sizes, and
 without the vocabulary axis), and `joint_dtype` is the dtype both operands
-are computed in.
+are computed in. `hidden_layout` says, once per axis layout, how a
+kernel reads ``hidden`` as stored (`HiddenLayout`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import string
 from typing import Any
 
 import jax
@@ -67,3 +70,53 @@ def check_hidden(
       f" {table.vocabulary_axis!r} (input axes {given}); the output adds it."
     )
   return _named.as_prefix_layout(hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenLayout:
+  """How a decode kernel reads ``hidden`` as stored, ``[*positional,
+  *named]`` (hashable: part of a jit cache key).
+
+  Attributes:
+    subscripts: einsum subscripts ``hidden, rows [V, *embedding] -> [*pos,
+      *batch, V]``: a contraction of the array as stored (no transpose).
+    permutation: The axes of ``hidden`` reordered to ``[*pos, *batch,
+      *embedding]``, for kernels that read ``[N, E]`` rows of it.
+    batch_ndim: The number of batch dimensions (positional and named).
+  """
+
+  subscripts: str
+  permutation: tuple[int, ...]
+  batch_ndim: int
+
+
+@functools.lru_cache(maxsize=1024)
+def hidden_layout(
+  n_positional: int, hidden_named: tuple[str, ...], embedding: tuple[str, ...]
+) -> HiddenLayout:
+  """The `HiddenLayout` of ``hidden [*pos, *hidden_named]`` against a
+  table with ``embedding`` axes.
+
+  >>> from named_embed._hidden import hidden_layout
+  >>> hidden_layout(1, ("embedding", "seq"), ("embedding",))
+  HiddenLayout(subscripts='bcd,ac->bda', permutation=(0, 2, 1), batch_ndim=2)
+  """
+  letters = iter(string.ascii_letters)
+  vocab = next(letters)
+  pos = "".join(next(letters) for _ in range(n_positional))
+  named = {name: next(letters) for name in hidden_named}
+  table = vocab + "".join(named[name] for name in embedding)
+  batch = "".join(named[n] for n in hidden_named if n not in embedding)
+  hidden = pos + "".join(named.values())
+  where = {name: n_positional + i for i, name in enumerate(hidden_named)}
+  batch_named = [where[n] for n in hidden_named if n not in embedding]
+  permutation = (
+    *range(n_positional),
+    *batch_named,
+    *(where[name] for name in embedding),
+  )
+  return HiddenLayout(
+    subscripts=f"{hidden},{table}->{pos}{batch}{vocab}",
+    permutation=permutation,
+    batch_ndim=n_positional + len(batch_named),
+  )

@@ -1,13 +1,19 @@
 """Reading a row source one vocabulary chunk at a time.
 
-`Reader` is how the chunked loss (`named_embed._chunked_ce`, and its
-vocabulary-parallel form) reads a compressed or adapted table: float rows
-``[C, E]`` of one chunk at a time, made by the source from its arrays
-sliced to the chunk, and, backwards, each chunk's gradient pulled back to
-the source's trainable arrays with `jax.vjp` (``A``'s rows of the chunk
-and ``B`` for LoRA, the trained rows). `chunked_logits` is the decode of a
-frozen source (a quantised table) on the same reader: only one chunk of
-float rows exists at once, forwards and backwards.
+Two readers, both made by the source (`named_embed._row_source`):
+
+- `Reader`: float rows ``[C, E]`` of any chunk, made from the source's
+  arrays sliced to it, and, backwards, a chunk's row gradient pulled back
+  to the trainable arrays with `jax.vjp` (``A``'s rows of the chunk and
+  ``B`` for LoRA, the trained rows). `chunked_logits` is the decode of a
+  frozen source (a quantised table) on it: only one chunk of float rows
+  exists at once, forwards and backwards.
+- a loss reader (`LossReader`), what the fused loss
+  (`named_embed._chunked_ce`) reads: one chunk's logits of the hidden
+  states, and backwards that chunk's ``d logits`` turned into ``d hidden``
+  and the gradients of the trainable arrays. `RowsLossReader` makes both
+  from a `Reader`'s rows; a kind may give a faster one (LoRA adds its
+  low-rank term at the logit level, never rebuilding rows backwards).
 """
 
 from __future__ import annotations
@@ -32,16 +38,15 @@ def contract(hidden: jax.Array, rows: jax.Array) -> jax.Array:
 
 
 class Reader:
-  """A source's arrays as the chunked loss reads them: chunks of float rows
-  ``[C, E]`` and, backwards, the gradient of each chunk pulled back to the
-  trainable arrays (the protocol of `named_embed._chunked_ce`)."""
+  """A source's arrays read one chunk of float rows ``[C, E]`` at a time,
+  and, backwards, the gradient of a chunk's rows pulled back to the
+  trainable arrays."""
 
   def __init__(self, source, arrays: tuple, offset=0):
     self.source = source
     self.arrays = arrays
     self.offset = offset
-    first = source.row_aligned.index(True)
-    self.num_rows = arrays[first].shape[0]
+    self.num_rows = source.first_aligned(arrays).shape[0]
 
   def _slice(self, start, size) -> tuple:
     return tuple(
@@ -50,10 +55,12 @@ class Reader:
     )
 
   def rows(self, start, size) -> jax.Array:
+    """The float rows ``[size, E]`` from row ``start`` (local)."""
     rows = self.source.rows_of(self._slice(start, size), self.offset + start)
     return rows.reshape(size, -1)
 
   def zero_grads(self) -> tuple:
+    """Zero gradients of the trainable arrays (None for the others)."""
     return tuple(
       jnp.zeros_like(a) if trains else None
       for a, trains in zip(self.arrays, self.source.trainable)
@@ -84,6 +91,64 @@ class Reader:
       else:
         grads[i] = grads[i] + d
     return tuple(grads)
+
+
+class LossReader:
+  """What the fused loss reads of a table, for hidden states ``[N, E]``
+  (in the accumulation dtype) bound when the reader is made.
+
+  ``num_rows`` is the number of local rows; ``logits(start, size)`` gives
+  ``(z [N, size], context)``; ``zero_grads()`` the gradient carry;
+  ``add_grads(carry, start, size, dz, context)`` adds one chunk's ``d z``;
+  ``grads(carry)`` returns ``(d hidden, d arrays)`` (None for arrays that
+  do not train).
+  """
+
+  num_rows: int
+
+  def logits(self, start, size):
+    raise NotImplementedError
+
+  def zero_grads(self):
+    raise NotImplementedError
+
+  def add_grads(self, carry, start, size, dz, context):
+    raise NotImplementedError
+
+  def grads(self, carry):
+    raise NotImplementedError
+
+
+class RowsLossReader(LossReader):
+  """A loss reader made from a `Reader`'s float rows: ``z = h . rows^T``,
+  ``d h += dz . rows``, ``d rows = dz^T . h`` pulled back to the arrays."""
+
+  def __init__(self, reader: Reader, hidden: jax.Array):
+    self.reader = reader
+    self.hidden = hidden
+    self.num_rows = reader.num_rows
+    self.trains = any(reader.source.trainable)
+
+  def logits(self, start, size):
+    rows = self.reader.rows(start, size)
+    return contract(self.hidden, rows), rows
+
+  def zero_grads(self):
+    return jnp.zeros(self.hidden.shape, self.hidden.dtype), (
+      self.reader.zero_grads()
+    )
+
+  def add_grads(self, carry, start, size, dz, context):
+    d_hidden, grads = carry
+    rows = context
+    d_hidden = d_hidden + dz @ rows.astype(dz.dtype)
+    if self.trains:
+      d_rows = lax.dot_general(dz, self.hidden, (((0,), (0,)), ((), ())))
+      grads = self.reader.add_grads(grads, start, size, d_rows)
+    return d_hidden, grads
+
+  def grads(self, carry):
+    return carry
 
 
 def _logits_loop(hidden, arrays, source, chunk_size):

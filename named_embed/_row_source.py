@@ -1,27 +1,27 @@
-"""Row sources: how a compressed or adapted table makes its rows.
+"""Row sources: the kernel half of the table contract.
 
-A plain `EmbeddingTable` hands kernels one ``[V, *embedding]`` array. The
-other kinds of table (`QuantizedTable`, `LoraTable`, `TrainableRowsTable`)
-hand them a static, hashable `RowSource` and a tuple of raw arrays
-(``table.row_parts()``). For each array the source says whether its first
+Every kind of table (`named_embed._table_kind.AbstractTable`) hands the
+kernels a static, hashable `RowSource` and a tuple of raw arrays
+(``table.row_parts()``). The source says, per array, whether its first
 axis is the vocabulary (*row-aligned*: sliced, gathered and sharded with
-the rows) and whether it trains; and it makes rows three ways, never
-building the float ``[V, *embedding]`` table:
+the rows) and whether it trains, and it makes rows for every operation:
 
-- `RowSource.gather` (lookups): the rows of some ids. A quantised table
-  gathers codes and scales and dequantises those rows only; LoRA adds
-  ``A[ids] @ B``; trainable rows pick the trained row where an id is one
-  of theirs.
-- `RowSource.logits` (decodes): ``[N, R]`` logits of ``hidden [N, E]``. A
-  quantised table dequantises one chunk of rows at a time
-  (`named_embed._row_chunks.chunked_logits`); LoRA adds
-  ``(hidden . B) . A^T``; trainable rows overwrite their own columns.
-- `RowSource.rows_of` (the fused loss): the float rows of one vocabulary
-  chunk, from the row-aligned arrays sliced to it. `RowSource.reader`
-  wraps a source for the chunked loss (`named_embed._row_chunks.Reader`).
+- `RowSource.gather` (lookups, pooled lookups): the rows of some ids;
+- `RowSource.one_hot` (the ``"one_hot"`` lookup strategy): the same rows
+  as a product with one-hot vectors (a matmul both ways);
+- `RowSource.logits` (decodes): ``[N, R]`` logits of ``hidden [N, E]``;
+- `RowSource.rows_of` (chunked reads): the float rows of one vocabulary
+  chunk, from the row-aligned arrays sliced to it; `RowSource.reader`
+  reads any chunk (`named_embed._row_chunks.Reader`);
+- `RowSource.loss_reader` (the fused loss): one chunk's logits forwards
+  and its gradients backwards (`named_embed._row_chunks.LossReader`);
+- `RowSource.prepare`: the arrays as kernels read them (frozen ones
+  without gradient, row-aligned ones pinned to the recorded sharding).
 
-Adapted tables wrap a frozen base source (`DenseSource` or
-`QuantizedSource`); their arrays are the base's followed by their own.
+A kind writes `gather` and `rows_of`; every other method has a correct
+default built on those two, which a kind overrides only to be faster.
+`DenseSource` is the plain float table's source; the sources of the other
+kinds live in their own modules.
 """
 
 from __future__ import annotations
@@ -35,16 +35,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
-from penzai import pz
 
-from named_embed import _layout, _quantization, _row_chunks
+from named_embed import (
+  _chunked_ce,
+  _layout,
+  _row_chunks,
+  _static,
+  _vocab_parallel,
+)
 
-DECODE_CHUNK_BYTES = 8 * 2**20
-"""A quantised decode dequantises chunks of rows of about this many bytes."""
+ONE_HOT_CHUNK_ROWS = 4096
+"""Rows a chunk when a compressed or adapted table is read by one-hot."""
 
 
-def _take(array: jax.Array, ids: jax.Array) -> jax.Array:
-  """``array[ids]`` along axis 0, ids already in range."""
+def take(array: jax.Array, ids: jax.Array) -> jax.Array:
+  """``array[ids]`` along axis 0, ids already in range (the fastest gather,
+  with the output sharding Explicit mesh axes need)."""
   return array.at[ids].get(
     mode="promise_in_bounds",
     wrap_negative_indices=False,
@@ -52,9 +58,11 @@ def _take(array: jax.Array, ids: jax.Array) -> jax.Array:
   )
 
 
-class RowSource:
-  """The static half of a table that is not one float array (hashable: a
-  jit cache key). Subclasses are frozen dataclasses."""
+class RowSource(_static.Static):
+  """The static half of a table (hashable: a jit cache key). Subclasses
+  are frozen dataclasses declared with ``eq=False`` (`named_embed._static.
+  Static` compares and hashes them) with ``num_rows``, ``row_shape`` and
+  ``dtype``."""
 
   num_rows: int
   row_shape: tuple[int, ...]
@@ -79,18 +87,90 @@ class RowSource:
     ``first_id``; row-aligned arrays are sliced to the chunk."""
     raise NotImplementedError
 
+  # ------------------------------------------------ defaults on gather/rows_of
+
+  def one_hot(self, arrays, ids: jax.Array) -> jax.Array:
+    """`gather` as ``one_hot(ids) @ rows``, one vocabulary chunk at a time
+    (no float copy of the table; differentiable like any JAX loop)."""
+    reader = self.reader(arrays)
+    flat = ids.reshape(-1)
+    width = math.prod(self.row_shape)
+
+    def step(out, start, size):
+      chunk = reader.rows(start, size)
+      hot = jax.nn.one_hot(flat - start, size, dtype=chunk.dtype)
+      return out + lax.dot_general(
+        hot,
+        chunk,
+        (((1,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+      )
+
+    out = jnp.zeros((flat.shape[0], width), jnp.float32)
+    out = _chunked_ce.over_chunks(
+      step, out, self.num_rows, min(self.num_rows, ONE_HOT_CHUNK_ROWS)
+    )
+    return out.astype(self.dtype).reshape(*ids.shape, *self.row_shape)
+
   def logits(self, arrays, hidden: jax.Array, offset=0) -> jax.Array:
     """``[N, R]`` logits of ``hidden [N, E]`` against the ``R`` rows of
     ``arrays`` (the first has global id ``offset``), in hidden's dtype."""
-    raise NotImplementedError
+    rows = self.rows_of(arrays, offset)
+    return _row_chunks.contract(hidden, rows.reshape(rows.shape[0], -1))
+
+  def decode(self, arrays, hidden, layout, dtype, rows_sharding):
+    """Logits ``[*batch, R]`` of ``hidden`` as stored (read by ``layout``, a
+    `named_embed._hidden.HiddenLayout`) in ``dtype``: ``[N, E]`` rows of
+    hidden against `logits`, each device making its own rows' logits when
+    the rows are split over a mesh axis."""
+    hidden = jnp.transpose(hidden, layout.permutation)
+    batch = hidden.shape[: layout.batch_ndim]
+    flat = hidden.reshape(math.prod(batch), -1).astype(dtype)
+    first = self.first_aligned(arrays)
+    rows_layout = first.reshape(first.shape[0], -1)  # a bitcast, for the split
+    tokens = jnp.zeros_like(flat[:, 0], jnp.int32)  # hidden's layout
+    split = _vocab_parallel.plan_for(flat, rows_layout, tokens, rows_sharding)
+    if split is None:
+      logits = self.logits(arrays, flat)
+    else:  # rows split over devices: each makes its own rows' logits
+      logits = _vocab_parallel.vocab_parallel_logits(flat, arrays, self, split)
+    return logits.reshape(*batch, self.num_rows)
 
   def reader(self, arrays, offset=0) -> _row_chunks.Reader:
-    """A `named_embed._row_chunks.Reader` of ``arrays`` for the chunked
-    loss."""
+    """A `named_embed._row_chunks.Reader` of ``arrays``: float rows of any
+    chunk, and the pull-back of a chunk's row gradient."""
     return _row_chunks.Reader(self, tuple(arrays), offset)
 
+  def loss_reader(self, arrays, hidden, offset=0) -> _row_chunks.LossReader:
+    """What the fused loss reads: chunk logits of ``hidden`` and their
+    gradients (by default made from `reader`'s float rows)."""
+    return _row_chunks.RowsLossReader(self.reader(arrays, offset), hidden)
 
-@dataclasses.dataclass(frozen=True)
+  def prepare(self, arrays, rows_sharding) -> tuple:
+    """The arrays as every kernel reads them: frozen ones without gradient,
+    row-aligned ones pinned to the vocabulary split that `named_embed.shard`
+    recorded (which pins their gradients too)."""
+    pin = None
+    if rows_sharding is not None and tuple(rows_sharding.spec):
+      pin = NamedSharding(
+        rows_sharding.mesh, PartitionSpec(rows_sharding.spec[0])
+      )
+    out = []
+    for array, aligned, trains in zip(arrays, self.row_aligned, self.trainable):
+      if not trains:
+        array = lax.stop_gradient(array)
+      if aligned and pin is not None:
+        array = _layout.pin_rows(array, pin)
+      out.append(array)
+    return tuple(out)
+
+  def first_aligned(self, arrays) -> jax.Array:
+    """The first row-aligned array (its leading axis is the rows)."""
+    return arrays[self.row_aligned.index(True)]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class DenseSource(RowSource):
   """One float array ``[V, *embedding]``: a plain table's rows (trainable
   when ``trains``), or the frozen base of an adapter."""
@@ -107,7 +187,23 @@ class DenseSource(RowSource):
     return (self.trains,)
 
   def gather(self, arrays, ids):
-    return _take(arrays[0], ids)
+    (rows,) = arrays
+    if rows.shape[0] == 1:
+      # Broadcast instead of gather: the backward pass is a sum, not a scatter.
+      return jnp.broadcast_to(rows[0], ids.shape + rows.shape[1:])
+    return take(rows, ids)
+
+  def one_hot(self, arrays, ids):
+    """``one_hot(ids, V) @ rows``, exact in every float dtype."""
+    (rows,) = arrays
+    hot = jax.nn.one_hot(ids, rows.shape[0], dtype=rows.dtype)
+    return lax.dot_general(
+      hot,
+      rows,
+      (((hot.ndim - 1,), (0,)), ((), ())),
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=rows.dtype,
+    )
 
   def rows_of(self, arrays, first_id):
     del first_id
@@ -118,276 +214,37 @@ class DenseSource(RowSource):
     rows = arrays[0]
     return _row_chunks.contract(hidden, rows.reshape(rows.shape[0], -1))
 
-
-@dataclasses.dataclass(frozen=True)
-class QuantizedSource(RowSource):
-  """Integer codes and float32 scales (`named_embed._quantization`)."""
-
-  num_rows: int
-  row_shape: tuple[int, ...]
-  dtype: np.dtype
-  bits: int
-  group_size: int | None
-
-  row_aligned = (True, True)
-  trainable = (False, False)
-
-  def _dequantize(self, codes, scales):
-    return _quantization.dequantize(
-      codes, scales, self.bits, self.group_size, self.dtype
+  def decode(self, arrays, hidden, layout, dtype, rows_sharding):
+    """One einsum of ``hidden`` as stored with the rows (GSPMD splits it
+    when the rows are split): the HLO of a hand-written decode."""
+    del rows_sharding
+    (rows,) = arrays
+    return jnp.einsum(
+      layout.subscripts, hidden.astype(dtype), rows.astype(dtype)
     )
 
-  def gather(self, arrays, ids):
-    codes, scales = arrays
-    return self._dequantize(_take(codes, ids), _take(scales, ids))
-
-  def rows_of(self, arrays, first_id):
-    del first_id
-    return self._dequantize(*arrays)
-
-  def logits(self, arrays, hidden, offset=0):
-    del offset
-    row_bytes = math.prod(self.row_shape) * 4
-    chunk = max(
-      256, 2 ** int(math.log2(max(DECODE_CHUNK_BYTES // row_bytes, 1)))
-    )
-    return _row_chunks.chunked_logits(hidden, tuple(arrays), self, chunk)
+  def prepare(self, arrays, rows_sharding):
+    """The rows without gradient when frozen, pinned to the whole recorded
+    sharding (embedding dimensions included: FSDP-style layouts)."""
+    (rows,) = arrays
+    if not self.trains:
+      rows = lax.stop_gradient(rows)
+    return (_layout.pin_rows(rows, rows_sharding),)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraSource(RowSource):
-  """A frozen base plus ``scale * A @ B``: arrays ``(*base, A, B)`` with
-  ``A [V, rank]`` and ``B [rank, *embedding]``."""
-
-  base: RowSource
-  scale: float
-  trainable_a: bool
-  trainable_b: bool
-
-  @property
-  def num_rows(self):
-    return self.base.num_rows
-
-  @property
-  def row_shape(self):
-    return self.base.row_shape
-
-  @property
-  def dtype(self):
-    return self.base.dtype
-
-  @property
-  def row_aligned(self):
-    return (*self.base.row_aligned, True, False)
-
-  @property
-  def trainable(self):
-    return (*self.base.trainable, self.trainable_a, self.trainable_b)
-
-  def _delta(self, a_rows, b):
-    """``scale * a_rows @ B`` in float32, ``[*lead, *row_shape]``."""
-    flat_b = b.reshape(b.shape[0], -1).astype(jnp.float32)
-    delta = jnp.einsum("...r,re->...e", a_rows.astype(jnp.float32), flat_b)
-    delta = delta * jnp.float32(self.scale)
-    return delta.reshape(*a_rows.shape[:-1], *self.row_shape)
-
-  def gather(self, arrays, ids):
-    *base, a, b = arrays
-    rows = self.base.gather(base, ids).astype(jnp.float32)
-    return (rows + self._delta(_take(a, ids), b)).astype(self.dtype)
-
-  def rows_of(self, arrays, first_id):
-    *base, a, b = arrays
-    rows = self.base.rows_of(base, first_id).astype(jnp.float32)
-    return (rows + self._delta(a, b)).astype(self.dtype)
-
-  def logits(self, arrays, hidden, offset=0):
-    *base, a, b = arrays
-    z = self.base.logits(base, hidden, offset)
-    hb = _row_chunks.contract(hidden, b.reshape(b.shape[0], -1))  # [N, rank]
-    low_rank = _row_chunks.contract(hb, a) * jnp.asarray(
-      self.scale, hidden.dtype
-    )
-    return z + low_rank
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainableRowsSource(RowSource):
-  """A frozen base whose rows ``row_ids`` (sorted) are replaced by trained
-  ones: arrays ``(*base, values)`` with ``values [k, *embedding]``."""
-
-  base: RowSource
-  row_ids: tuple[int, ...]
-  trainable_values: bool
-
-  @property
-  def num_rows(self):
-    return self.base.num_rows
-
-  @property
-  def row_shape(self):
-    return self.base.row_shape
-
-  @property
-  def dtype(self):
-    return self.base.dtype
-
-  @property
-  def row_aligned(self):
-    return (*self.base.row_aligned, False)
-
-  @property
-  def trainable(self):
-    return (*self.base.trainable, self.trainable_values)
-
-  def _select(self, ids, base_rows, values):
-    """``values[j]`` where ``ids`` is ``row_ids[j]``, else ``base_rows``."""
-    chosen = jnp.asarray(self.row_ids, jnp.int32)
-    # "compare_all" (no scan) also runs on ids split over Explicit mesh
-    # axes; a scan costs less for many rows.
-    method = "compare_all" if len(self.row_ids) <= 1024 else "scan"
-    position = jnp.searchsorted(chosen, ids.astype(jnp.int32), method=method)
-    position = jnp.minimum(position, len(self.row_ids) - 1)
-    hit = _take(chosen, position) == ids
-    picked = _take(values, position).astype(base_rows.dtype)
-    hit = hit.reshape(hit.shape + (1,) * (base_rows.ndim - hit.ndim))
-    return jnp.where(hit, picked, base_rows)
-
-  def gather(self, arrays, ids):
-    *base, values = arrays
-    return self._select(ids, self.base.gather(base, ids), values)
-
-  def rows_of(self, arrays, first_id):
-    *base, values = arrays
-    rows = self.base.rows_of(base, first_id)
-    ids = first_id + jnp.arange(rows.shape[0], dtype=jnp.int32)
-    return self._select(ids, rows, values)
-
-  def logits(self, arrays, hidden, offset=0):
-    *base, values = arrays
-    z = self.base.logits(base, hidden, offset)
-    own = _row_chunks.contract(
-      hidden, values.reshape(values.shape[0], -1)
-    )  # [N, k]
-    columns = jnp.asarray(self.row_ids, jnp.int32) - offset
-    inside = (columns >= 0) & (columns < z.shape[1])
-    columns = jnp.where(inside, columns, z.shape[1])  # dropped below
-    return z.at[:, columns].set(own, mode="drop")
-
-
-class NoFloatRows:
-  """Mixin of the tables that hold no float ``[V, *embedding]`` array: the
-  plain table's accessors of that array (read by inspection and the
-  exporters) refuse with a message saying what to call instead."""
-
-  def _no_float_rows(self, what: str):
-    fix = "dequantized()" if hasattr(self, "dequantized") else "merged()"
-    raise TypeError(
-      f"{type(self).__name__} holds no float table, so it has no {what}:"
-      " its kernels read its parts (lookups, decodes and the fused loss"
-      f" work on it directly). For inspection or export, use"
-      f" `table.{fix}` (which builds the float table)."
-    )
-
-  def rows_array(self):
-    self._no_float_rows("rows_array()")
-
-  def token_rows(self):
-    self._no_float_rows("token_rows()")
-
-  def rows_and_axes(self):
-    self._no_float_rows("rows_and_axes()")
-
-
-class BaseFacts:
-  """Mixin of the adapted tables (LoRA, trainable rows): what a table is
-  (its axes, vocabulary, pad token row, alignment rows, placement) is its
-  frozen ``base``'s."""
-
-  @property
-  def vocabulary_axis(self) -> str:
-    """The base's vocabulary axis name."""
-    return self.base.vocabulary_axis
-
-  @property
-  def padding_index(self):
-    """The base's pad token row, or None."""
-    return self.base.padding_index
-
-  @property
-  def vocabulary(self):
-    """The base's `Vocabulary`, or None."""
-    return self.base.vocabulary
-
-  @property
-  def true_vocab_size(self):
-    """The base's token count when it has alignment rows, else None."""
-    return self.base.true_vocab_size
-
-  @property
-  def rows_sharding(self):
-    """The base's recorded row sharding, or None."""
-    return self.base.rows_sharding
-
-  @property
-  def vocab_size(self) -> int:
-    """The number of tokens."""
-    return self.base.vocab_size
-
-  @property
-  def num_rows(self) -> int:
-    """The number of rows, alignment rows included."""
-    return self.base.num_rows
-
-  @property
-  def embedding_axes(self) -> dict[str, int]:
-    """The embedding axes and their sizes."""
-    return self.base.embedding_axes
-
-  @property
-  def dtype(self) -> np.dtype:
-    """The dtype of the rows as read (the base's)."""
-    return np.dtype(self.base.dtype)
-
-  def float_table(self, rows: jax.Array):
-    """A frozen float `EmbeddingTable` of ``rows`` that is otherwise the
-    base (pad token row, vocabulary, alignment rows, placement)."""
-    from named_embed.table import EmbeddingTable
-
-    base = self.base
-    value = pz.nx.wrap(rows, self.vocabulary_axis, *self.embedding_axes)
-    return EmbeddingTable(
-      value,
-      self.vocabulary_axis,
-      base.padding_index,
-      vocabulary=base.vocabulary,
-      true_vocab_size=base.true_vocab_size,
-      rows_sharding=base.rows_sharding,
-    )
+@functools.lru_cache(maxsize=256)
+def dense_source(shape, dtype, trains: bool = False) -> DenseSource:
+  """The (cached: one object per layout) `DenseSource` of an array of
+  ``shape`` ``[num_rows, *row_shape]``."""
+  return DenseSource(shape[0], tuple(shape[1:]), np.dtype(dtype), trains)
 
 
 # ------------------------------------------------------------ kernel helpers
 
 
 def prepare(source: RowSource, arrays, rows_sharding) -> tuple:
-  """The arrays as every kernel reads them: frozen ones without gradient,
-  row-aligned ones pinned to the vocabulary split that `named_embed.shard`
-  recorded (which pins their gradients too)."""
-  pin = None
-  if rows_sharding is not None and tuple(rows_sharding.spec):
-    pin = NamedSharding(
-      rows_sharding.mesh, PartitionSpec(rows_sharding.spec[0])
-    )
-  out = []
-  for array, aligned, trains in zip(
-    arrays, source.row_aligned, source.trainable
-  ):
-    if not trains:
-      array = lax.stop_gradient(array)
-    if aligned and pin is not None:
-      array = _layout.pin_rows(array, pin)
-    out.append(array)
-  return tuple(out)
+  """``source.prepare(arrays, rows_sharding)``."""
+  return source.prepare(arrays, rows_sharding)
 
 
 def raw_in_order(array, names: tuple[str, ...]) -> jax.Array:
@@ -402,9 +259,3 @@ def table_parts(table) -> tuple[RowSource, tuple]:
   """``table.row_parts()``: the static source and raw arrays of any kind of
   table (`named_embed._table_kind.AbstractTable`)."""
   return table.row_parts()
-
-
-@functools.lru_cache(maxsize=256)
-def dense_source(num_rows, row_shape, dtype, trains: bool = False):
-  """The (cached) `DenseSource` of a ``[num_rows, *row_shape]`` array."""
-  return DenseSource(num_rows, row_shape, np.dtype(dtype), trains)

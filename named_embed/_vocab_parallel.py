@@ -83,58 +83,6 @@ def _offset(plan: ShardPlan, local_rows: int):
   return lax.axis_index(plan.vocab_axis) * local_rows
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def vocab_parallel_cross_entropy(
-  hidden, table, targets, config: _chunked_ce.LossConfig, plan: ShardPlan
-):
-  """Per-position loss ``[N]``; ``targets`` already in ``[0, V)``."""
-  return _forward(hidden, table, targets, config, plan)[0]
-
-
-def _forward(hidden, table, targets, config, plan):
-  acc = _norms.accumulation_dtype(hidden.dtype)
-
-  def body(h, w, t):
-    offset = _offset(plan, w.shape[0])
-    stats = _chunked_ce.local_stats(h.astype(acc), w, t, offset, config)
-    lse, target_logit, total = _chunked_ce.combine_stats(stats, plan.vocab_axis)
-    loss = _chunked_ce.position_loss(lse, target_logit, total, config)
-    return loss, lse
-
-  specs = (plan.hidden_spec, plan.table_spec, plan.targets_spec)
-  token = plan.targets_spec
-  loss, lse = _shard_map(body, plan, specs, (token, token))(
-    hidden, table, targets
-  )
-  return loss, (hidden, table, targets, lse)
-
-
-def _bwd(config, plan, residuals, g):
-  hidden, table, targets, lse = residuals
-  acc = lse.dtype
-
-  def body(h, w, t, lse, g):
-    offset = _offset(plan, w.shape[0])
-    d_hidden, d_table = _chunked_ce.local_grads(
-      h.astype(acc), w, t, lse, g.astype(acc), offset, config
-    )
-    if plan.vocab_axis is not None:
-      d_hidden = lax.psum(d_hidden, plan.vocab_axis)
-    if plan.token_axes:
-      d_table = lax.psum(d_table, plan.token_axes)
-    return d_hidden.astype(h.dtype), d_table
-
-  token = plan.targets_spec
-  specs = (plan.hidden_spec, plan.table_spec, token, token, token)
-  d_hidden, d_table = _shard_map(
-    body, plan, specs, (plan.hidden_spec, plan.table_spec)
-  )(hidden, table, targets, lse, g)
-  return d_hidden, d_table, None
-
-
-vocab_parallel_cross_entropy.defvjp(_forward, _bwd)
-
-
 def _array_specs(plan: ShardPlan, source, arrays) -> tuple:
   """Specs of a row source's arrays: row-aligned ones split like the
   table's rows, the others (``B``, trained rows) replicated."""
@@ -154,14 +102,13 @@ def vocab_parallel_logits(hidden, arrays, source, plan: ShardPlan):
   quantised table) and the result stays split over the vocabulary. Unlike
   the loss, this map is differentiated by JAX (checked replication), so
   LoRA's ``B`` and trained rows get their summed gradients."""
-  aligned = source.row_aligned.index(True)
 
   def body(h, w):
     if plan.vocab_axis is not None:
       # Each device's logits depend on all of ``h``: mark it as varying
       # over the vocabulary axis, whose transpose sums ``d h`` over it.
       h = lax.pcast(h, plan.vocab_axis, to="varying")
-    return source.logits(w, h, _offset(plan, w[aligned].shape[0]))
+    return source.logits(w, h, _offset(plan, source.first_aligned(w).shape[0]))
 
   kwargs = {}
   if plan.manual_axes is not None:
@@ -174,25 +121,25 @@ def vocab_parallel_logits(hidden, arrays, source, plan: ShardPlan):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def vocab_parallel_source_cross_entropy(
+def vocab_parallel_cross_entropy(
   hidden, arrays, targets, config, plan: ShardPlan, source
 ):
-  """`vocab_parallel_cross_entropy` of a compressed or adapted table (its
-  arrays and static row source, `named_embed._row_source`): each device
-  reads its own rows through the source; gradients of row-aligned arrays
-  (LoRA's ``A``) stay split, those of the others (``B``, trained rows) are
-  summed over the devices once, after the chunk loop."""
-  return _source_forward(hidden, arrays, targets, config, plan, source)[0]
+  """Per-position loss ``[N]`` of a table given as its row source and
+  arrays (`named_embed._row_source`), ``targets`` already in ``[0, V)``:
+  each device reads its own rows through the source's loss reader;
+  gradients of row-aligned arrays (a plain table's rows, LoRA's ``A``)
+  stay split, those of the others (``B``, trained rows) are summed over
+  the devices once, after the chunk loop."""
+  return _forward(hidden, arrays, targets, config, plan, source)[0]
 
 
-def _source_forward(hidden, arrays, targets, config, plan, source):
+def _forward(hidden, arrays, targets, config, plan, source):
   acc = _norms.accumulation_dtype(hidden.dtype)
-  aligned = source.row_aligned.index(True)
 
   def body(h, w, t):
-    offset = _offset(plan, w[aligned].shape[0])
-    reader = source.reader(w, offset)
-    stats = _chunked_ce.local_stats(h.astype(acc), reader, t, offset, config)
+    offset = _offset(plan, source.first_aligned(w).shape[0])
+    reader = source.loss_reader(w, h.astype(acc), offset)
+    stats = _chunked_ce.local_stats(reader, t, offset, config)
     lse, target_logit, total = _chunked_ce.combine_stats(stats, plan.vocab_axis)
     loss = _chunked_ce.position_loss(lse, target_logit, total, config)
     return loss, lse
@@ -205,18 +152,17 @@ def _source_forward(hidden, arrays, targets, config, plan, source):
   return loss, (hidden, arrays, targets, lse)
 
 
-def _source_bwd(config, plan, source, residuals, g):
+def _bwd(config, plan, source, residuals, g):
   hidden, arrays, targets, lse = residuals
   acc = lse.dtype
-  aligned = source.row_aligned.index(True)
   trained = [i for i, t in enumerate(source.trainable) if t]
   array_specs = _array_specs(plan, source, arrays)
 
   def body(h, w, t, lse, g):
-    offset = _offset(plan, w[aligned].shape[0])
-    reader = source.reader(w, offset)
+    offset = _offset(plan, source.first_aligned(w).shape[0])
+    reader = source.loss_reader(w, h.astype(acc), offset)
     d_hidden, d_arrays = _chunked_ce.local_grads(
-      h.astype(acc), reader, t, lse, g.astype(acc), offset, config
+      reader, t, lse, g.astype(acc), offset, config
     )
     if plan.vocab_axis is not None:
       d_hidden = lax.psum(d_hidden, plan.vocab_axis)
@@ -240,7 +186,7 @@ def _source_bwd(config, plan, source, residuals, g):
   return d_hidden, tuple(d_arrays), None
 
 
-vocab_parallel_source_cross_entropy.defvjp(_source_forward, _source_bwd)
+vocab_parallel_cross_entropy.defvjp(_forward, _bwd)
 
 
 def plan_for(hidden, table, targets, table_sharding) -> ShardPlan | None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import string
 from typing import Any
 
 import jax
@@ -13,25 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import (
-  _hidden,
-  _named,
-  _row_source,
-  _table_arrays,
-  _vocab_parallel,
-)
+from named_embed import _hidden, _named, _table_kind
 from named_embed._validation import check_float_dtype, check_soft_cap
-from named_embed.table import EmbeddingTable
 
 
 @dataclasses.dataclass(frozen=True)
-class _DecodePolicy:
-  """Static configuration of a decode (hashable: a jit cache key)."""
+class _DecodeConfig:
+  """Static configuration of a decode kernel (hashable: a jit cache key)."""
 
-  subscripts: str
+  layout: _hidden.HiddenLayout
   soft_cap: float | None = None
   dtype: np.dtype | None = None
-  frozen: bool = False
   vocab_size: int | None = None
   rows_sharding: object = None
 
@@ -49,115 +39,38 @@ def _decode_options(soft_cap: Any = None, dtype: Any = None):
   return check_soft_cap(soft_cap), dtype
 
 
-@functools.lru_cache(maxsize=1024)
-def _subscripts(n_positional: int, hidden_named: tuple, embedding: tuple):
-  """einsum subscripts: hidden ``[*pos, *named]`` x table ``[V, *embedding]``."""
-  letters = iter(string.ascii_letters)
-  vocab = next(letters)
-  pos = "".join(next(letters) for _ in range(n_positional))
-  named = {name: next(letters) for name in hidden_named}
-  table = vocab + "".join(named[name] for name in embedding)
-  batch = "".join(named[n] for n in hidden_named if n not in embedding)
-  hidden = pos + "".join(named.values())
-  return f"{hidden},{table}->{pos}{batch}{vocab}"
-
-
-def _decode_kernel(hidden, table, policy: _DecodePolicy):
-  table = _table_arrays.kernel_rows(table, policy.frozen, policy.rows_sharding)
-  dtype = policy.dtype
-  logits = jnp.einsum(
-    policy.subscripts, hidden.astype(dtype), table.astype(dtype)
-  )
-  return _cap_and_mask(logits, policy, table.shape[0])
-
-
-def _cap_and_mask(logits, policy: _DecodePolicy, num_rows: int):
+def _cap_and_mask(logits, config: _DecodeConfig, num_rows: int):
   """Soft-caps the logits (last axis: the vocabulary) and gives alignment
   rows ``-inf``."""
-  if policy.soft_cap is not None:
-    cap = jnp.asarray(policy.soft_cap, logits.dtype)
+  if config.soft_cap is not None:
+    cap = jnp.asarray(config.soft_cap, logits.dtype)
     logits = cap * jnp.tanh(logits / cap)
-  if policy.vocab_size is not None and policy.vocab_size < num_rows:
+  if config.vocab_size is not None and config.vocab_size < num_rows:
     # Alignment rows are not tokens: -inf keeps them out of any softmax.
-    real = jnp.arange(num_rows) < policy.vocab_size
+    real = jnp.arange(num_rows) < config.vocab_size
     logits = jnp.where(real, logits, jnp.full((), -jnp.inf, logits.dtype))
   return logits
 
 
-@functools.lru_cache(maxsize=256)
-def _compiled_source_decode(
-  policy: _DecodePolicy, source: Any, n_embedding: int, scope: str
-):
-  """The decode of a compressed or adapted table, jitted once: ``hidden``
-  is ``[*batch, *embedding]`` (``n_embedding`` axes); the source makes the
-  logits without the float table (`named_embed._row_source.RowSource`)."""
+@functools.lru_cache(maxsize=512)
+def _compiled_decode(config: _DecodeConfig, source: Any, scope: str):
+  """The decode of one static configuration, jitted once (see
+  `named_embed._gather.compile_gather`): the source contracts ``hidden``
+  as stored with its rows (`named_embed._row_source.RowSource.decode`)."""
 
   def decode_kernel(hidden, arrays):
     with jax.named_scope(scope):
-      arrays = _row_source.prepare(source, arrays, policy.rows_sharding)
-      batch = hidden.shape[: hidden.ndim - n_embedding]
-      flat = hidden.reshape(math.prod(batch), -1).astype(policy.dtype)
-      first = arrays[source.row_aligned.index(True)]
-      layout = first.reshape(first.shape[0], -1)  # a bitcast, for the plan
-      tokens = jnp.zeros_like(flat[:, 0], jnp.int32)  # hidden's layout
-      plan = _vocab_parallel.plan_for(
-        flat, layout, tokens, policy.rows_sharding
+      arrays = source.prepare(arrays, config.rows_sharding)
+      logits = source.decode(
+        arrays, hidden, config.layout, config.dtype, config.rows_sharding
       )
-      if plan is None:
-        logits = source.logits(arrays, flat)
-      else:  # rows split over devices: each makes its own rows' logits
-        logits = _vocab_parallel.vocab_parallel_logits(
-          flat, arrays, source, plan
-        )
-      logits = _cap_and_mask(logits, policy, source.num_rows)
-      return logits.reshape(*batch, source.num_rows)
-
-  return jax.jit(decode_kernel)
-
-
-def _source_decode(table: Any, hidden: Any, options: tuple, caller: str):
-  """`_decode` of a `QuantizedTable`, `LoraTable` or `TrainableRowsTable`."""
-  soft_cap, dtype = options
-  source, arrays = table.row_parts()
-  embedding_axes = table.embedding_axes
-  prefix = _hidden.check_hidden(table, embedding_axes, hidden, caller)
-  batch = {
-    name: size
-    for name, size in prefix.named_axes.items()
-    if name not in embedding_axes
-  }
-  if dtype is None:
-    dtype = _hidden.joint_dtype(prefix.dtype, source.dtype)
-  policy = _DecodePolicy(
-    subscripts="",
-    soft_cap=soft_cap,
-    dtype=dtype,
-    vocab_size=table.true_vocab_size,
-    rows_sharding=table.rows_sharding,
-  )
-  kernel = _compiled_source_decode(
-    policy, source, len(embedding_axes), f"named_embed.{caller}"
-  )
-  ordered = prefix.order_as(*batch, *embedding_axes).data_array
-  logits = kernel(ordered, arrays)
-  batch[table.vocabulary_axis] = source.num_rows
-  return _named.named_result(logits, batch)
-
-
-@functools.lru_cache(maxsize=512)
-def _compiled_decode(policy: _DecodePolicy, scope: str):
-  """`_decode_kernel` under ``policy``, jitted once (see
-  `named_embed._gather.compile_gather`)."""
-
-  def decode_kernel(hidden, table):
-    with jax.named_scope(scope):
-      return _decode_kernel(hidden, table, policy)
+      return _cap_and_mask(logits, config, source.num_rows)
 
   return jax.jit(decode_kernel)
 
 
 def decode(
-  table: EmbeddingTable,
+  table: _table_kind.AbstractTable,
   hidden: pz.nx.NamedArrayBase,
   *,
   soft_cap: float | None = None,
@@ -201,37 +114,36 @@ def decode(
 
 
 def _decode(
-  table: EmbeddingTable, hidden: Any, options: tuple, caller: str
+  table: Any, hidden: Any, options: tuple, caller: str
 ) -> pz.nx.NamedArray:
   """`decode` with options already validated by `_decode_options`."""
-  if type(table) is not EmbeddingTable and hasattr(table, "row_parts"):
-    return _source_decode(table, hidden, options, caller)
+  _table_kind.check_table(table, f"named_embed.{caller}")
   soft_cap, dtype = options
-  rows_array, embedding_axes = table.rows_and_axes()
+  source, arrays = table.row_parts()
+  embedding_axes = table.embedding_axes
   prefix = _hidden.check_hidden(table, embedding_axes, hidden, caller)
   hidden_named = tuple(prefix.named_axes)
   if dtype is None:
-    dtype = _hidden.joint_dtype(prefix.dtype, rows_array.dtype)
-  policy = _DecodePolicy(
-    subscripts=_subscripts(
+    dtype = _hidden.joint_dtype(prefix.dtype, source.dtype)
+  config = _DecodeConfig(
+    layout=_hidden.hidden_layout(
       prefix.data_array.ndim - len(hidden_named),  # positional axes
       hidden_named,
       tuple(embedding_axes),
     ),
     soft_cap=soft_cap,
     dtype=dtype,
-    frozen=table.frozen,
     vocab_size=table.true_vocab_size,
     rows_sharding=table.rows_sharding,
   )
-  kernel = _compiled_decode(policy, f"named_embed.{caller}")
-  logits = kernel(prefix.data_array, rows_array)
+  kernel = _compiled_decode(config, source, f"named_embed.{caller}")
+  logits = kernel(prefix.data_array, arrays)
   batch = {
     name: size
     for name, size in prefix.named_axes.items()
     if name not in embedding_axes
   }
-  batch[table.vocabulary_axis] = rows_array.shape[0]
+  batch[table.vocabulary_axis] = source.num_rows
   return _named.named_result(logits, batch)
 
 
@@ -266,13 +178,14 @@ class EmbeddingDecode(pz.nn.Layer):
     dtype: Compute dtype, or None to promote hidden and table jointly.
   """
 
-  table: EmbeddingTable
+  table: _table_kind.AbstractTable
   soft_cap: float | None = dataclasses.field(
     default=None, metadata={"pytree_node": False}
   )
   dtype: Any = dataclasses.field(default=None, metadata={"pytree_node": False})
 
   def __post_init__(self):
+    _table_kind.check_table(self.table, "EmbeddingDecode")
     _decode_options(self.soft_cap, self.dtype)
 
   def __call__(

@@ -10,13 +10,12 @@ from typing import Any
 import jax
 from penzai import pz
 
-from named_embed import _gather, _named, _out_of_range, _table_arrays
+from named_embed import _gather, _named, _out_of_range, _row_source, _table_kind
 from named_embed._validation import resolve_padding_index
-from named_embed.table import EmbeddingTable
 
 
 def lookup(
-  table: EmbeddingTable,
+  table: _table_kind.AbstractTable,
   tokens: pz.nx.NamedArrayBase | jax.typing.ArrayLike,
   *,
   out_of_range: str = "fill",
@@ -97,99 +96,12 @@ class _Plan:
 
   kernel: Any
   output_axes: collections.OrderedDict  # shared by results; never mutated
-  rows_first: bool  # the table's value already has the vocabulary axis first
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(
   options: _gather.RowPolicy,
-  vocabulary_axis: str,
-  table_axes: tuple[tuple[str, int], ...],
-  true_vocab_size: int | None,
-  padding_index: int | None,
-  frozen: bool,
-  rows_sharding: Any,
-  token_axes: tuple[tuple[str, int], ...],
-  runtime_check: bool,
-  caller: str,
-) -> _Plan:
-  """Checks what can be checked once (id dtype, axis names) and builds the
-  kernel for one static configuration; every later call with the same
-  configuration costs one cache lookup."""
-  sizes = dict(table_axes)
-  num_rows = sizes.pop(vocabulary_axis)
-  _table_arrays.check_bound_rows(true_vocab_size, num_rows)
-  if token_axes:
-    _named.check_no_clash(
-      f"named_embed.{caller}",
-      [name for name, _ in token_axes],
-      (vocabulary_axis, *sizes),
-    )
-  vocab_size = true_vocab_size or num_rows
-  policy = dataclasses.replace(
-    options,
-    padding_index=resolve_padding_index(padding_index, vocab_size),
-    frozen=frozen,
-    runtime_check=runtime_check,
-    vocab_size=true_vocab_size,
-    rows_sharding=rows_sharding,
-  )
-  return _Plan(
-    kernel=_gather.compile_gather(policy, f"named_embed.{caller}"),
-    output_axes=collections.OrderedDict((*token_axes, *sizes.items())),
-    rows_first=table_axes[0][0] == vocabulary_axis,
-  )
-
-
-def _lookup(
-  table: EmbeddingTable,
-  tokens: Any,
-  options: _gather.RowPolicy,
-  caller: str,
-) -> pz.nx.NamedArray:
-  """`lookup` with options already validated into a `RowPolicy`.
-
-  The hot path of every eager call: it reads the arrays, builds the plan's
-  cache key from static facts, and calls the cached kernel.
-  """
-  if type(table) is not EmbeddingTable and hasattr(table, "row_parts"):
-    return _source_lookup(table, tokens, options, caller)
-  value, frozen = _table_arrays.value_and_frozen(table.embeddings)
-  if value is None:
-    value = table.value  # raises: unbound
-  ids, token_axes = _named.split_tokens(tokens)
-  shape = (
-    value.named_axes if type(value) is pz.nx.NamedArray else value.named_shape
-  )
-  runtime_check = options.out_of_range == "error" and (
-    _out_of_range.needs_runtime_check(
-      "error", ids, table.true_vocab_size or shape[table.vocabulary_axis]
-    )
-  )
-  plan = _plan(
-    options,
-    table.vocabulary_axis,
-    tuple(shape.items()),
-    table.true_vocab_size,
-    table.padding_index,
-    frozen,
-    table.rows_sharding,
-    tuple(token_axes.items()),
-    runtime_check,
-    caller,
-  )
-  if plan.rows_first and type(value) is pz.nx.NamedArray:
-    rows_array = value.data_array
-  else:
-    rows_array = table.rows_array()
-  rows = plan.kernel(rows_array, ids)
-  return _named.wrap_named(rows, plan.output_axes)
-
-
-@functools.lru_cache(maxsize=256)
-def _source_plan(
-  options: _gather.RowPolicy,
-  source: Any,
+  source: _row_source.RowSource,
   vocabulary_axis: str,
   embedding_axes: tuple[tuple[str, int], ...],
   true_vocab_size: int | None,
@@ -199,24 +111,20 @@ def _source_plan(
   runtime_check: bool,
   caller: str,
 ) -> _Plan:
-  """`_plan` for a compressed or adapted table (its static row source
-  instead of the array's layout)."""
-  if options.strategy != "gather":
-    raise ValueError(
-      f"named_embed.{caller}: strategy={options.strategy!r} needs a plain"
-      " table; a compressed or adapted table gathers its rows (use"
-      ' strategy="gather").'
-    )
+  """Checks what can be checked once (axis names) and builds the kernel
+  for one static configuration; every later call with the same
+  configuration costs one cache lookup."""
   if token_axes:
     _named.check_no_clash(
       f"named_embed.{caller}",
       [name for name, _ in token_axes],
       (vocabulary_axis, *dict(embedding_axes)),
     )
+  vocab_size = true_vocab_size or source.num_rows
   policy = dataclasses.replace(
     options,
-    padding_index=padding_index,
-    frozen=not any(source.trainable),
+    # A table bound after construction may hold a negative pad row.
+    padding_index=resolve_padding_index(padding_index, vocab_size),
     runtime_check=runtime_check,
     vocab_size=true_vocab_size,
     rows_sharding=rows_sharding,
@@ -224,19 +132,28 @@ def _source_plan(
   return _Plan(
     kernel=_gather.compile_gather(policy, f"named_embed.{caller}", source),
     output_axes=collections.OrderedDict((*token_axes, *embedding_axes)),
-    rows_first=True,
   )
 
 
-def _source_lookup(table: Any, tokens: Any, options, caller: str):
-  """`_lookup` of a `QuantizedTable`, `LoraTable` or `TrainableRowsTable`:
-  the kernel reads the table's row source (`named_embed._row_source`)."""
+def _lookup(
+  table: Any,
+  tokens: Any,
+  options: _gather.RowPolicy,
+  caller: str,
+) -> pz.nx.NamedArray:
+  """`lookup` with options already validated into a `RowPolicy`.
+
+  The hot path of every eager call: it reads the table's row source and
+  arrays (the table contract), builds the plan's cache key from static
+  facts, and calls the cached kernel.
+  """
+  _table_kind.check_table(table, f"named_embed.{caller}")
   source, arrays = table.row_parts()
   ids, token_axes = _named.split_tokens(tokens)
   runtime_check = options.out_of_range == "error" and (
     _out_of_range.needs_runtime_check("error", ids, table.vocab_size)
   )
-  plan = _source_plan(
+  plan = _plan(
     options,
     source,
     table.vocabulary_axis,
@@ -292,7 +209,7 @@ class EmbeddingLookup(pz.nn.Layer):
       `named_embed.lookup`.
   """
 
-  table: EmbeddingTable
+  table: _table_kind.AbstractTable
   out_of_range: str = dataclasses.field(
     default="fill", metadata={"pytree_node": False}
   )
@@ -311,6 +228,7 @@ class EmbeddingLookup(pz.nn.Layer):
   )
 
   def __post_init__(self):
+    _table_kind.check_table(self.table, "EmbeddingLookup")
     self.policy  # noqa: B018 - validate the options now.
 
   @property

@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from named_embed import _row_source, _table_arrays
-from named_embed._table_kind import AbstractTable
+from named_embed import _adapted, _row_chunks, _row_source, _table_arrays
 from named_embed._validation import (
   check_name,
   check_number,
@@ -25,9 +24,7 @@ RANK_AXIS = "rank"
 
 
 @pz.pytree_dataclass
-class LoraTable(
-  pz.Struct, AbstractTable, _row_source.NoFloatRows, _row_source.BaseFacts
-):
+class LoraTable(pz.Struct, _adapted.AdaptedTable):
   """A frozen table plus LoRA adapters: rows ``base + (alpha / rank) * A @ B``.
 
   Made by `EmbeddingTable.with_lora` (or `QuantizedTable.with_lora`). The
@@ -167,9 +164,124 @@ def _bound(holder: Any, field: str) -> pz.nx.NamedArray:
   return value
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraSource(_row_source.RowSource):
+  """The row source of a `LoraTable`: a frozen base source plus ``scale * A
+  @ B``; arrays ``(*base, A, B)`` with ``A [V, rank]`` (row-aligned) and
+  ``B [rank, *embedding]``. Rows are the base's plus ``A[ids] @ B``; logits
+  the base's plus ``(hidden . B^T) . A^T``, in a decode and in the fused
+  loss alike (`LoraLossReader`): the merged rows never exist."""
+
+  base: _row_source.RowSource
+  scale: float
+  trainable_a: bool
+  trainable_b: bool
+
+  @property
+  def num_rows(self):
+    return self.base.num_rows
+
+  @property
+  def row_shape(self):
+    return self.base.row_shape
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  @property
+  def row_aligned(self):
+    return (*self.base.row_aligned, True, False)
+
+  @property
+  def trainable(self):
+    return (*self.base.trainable, self.trainable_a, self.trainable_b)
+
+  def _delta(self, a_rows, b):
+    """``scale * a_rows @ B`` in float32, ``[*lead, *row_shape]``."""
+    flat_b = b.reshape(b.shape[0], -1).astype(jnp.float32)
+    delta = jnp.einsum("...r,re->...e", a_rows.astype(jnp.float32), flat_b)
+    delta = delta * jnp.float32(self.scale)
+    return delta.reshape(*a_rows.shape[:-1], *self.row_shape)
+
+  def gather(self, arrays, ids):
+    *base, a, b = arrays
+    rows = self.base.gather(base, ids).astype(jnp.float32)
+    return (rows + self._delta(_row_source.take(a, ids), b)).astype(self.dtype)
+
+  def rows_of(self, arrays, first_id):
+    *base, a, b = arrays
+    rows = self.base.rows_of(base, first_id).astype(jnp.float32)
+    return (rows + self._delta(a, b)).astype(self.dtype)
+
+  def logits(self, arrays, hidden, offset=0):
+    *base, a, b = arrays
+    z = self.base.logits(base, hidden, offset)
+    hb = _row_chunks.contract(hidden, b.reshape(b.shape[0], -1))  # [N, rank]
+    low_rank = _row_chunks.contract(hb, a) * jnp.asarray(
+      self.scale, hidden.dtype
+    )
+    return z + low_rank
+
+  def loss_reader(self, arrays, hidden, offset=0):
+    return LoraLossReader(self, tuple(arrays), hidden, offset)
+
+
+class LoraLossReader(_row_chunks.LossReader):
+  """The fused loss of a `LoraTable` at the logit level: ``z = z_base +
+  scale * (h . B^T) . A[chunk]^T``. Backwards, ``d A[chunk] = scale *
+  dz^T . (h . B^T)`` and ``d (h . B^T) += scale * dz . A[chunk]`` per
+  chunk; ``d B`` and ``B``'s share of ``d h`` once, after the loop."""
+
+  def __init__(self, source: LoraSource, arrays: tuple, hidden, offset=0):
+    *base, a, b = arrays
+    self.source = source
+    self.base = source.base.loss_reader(tuple(base), hidden, offset)
+    self.hidden = hidden
+    self.num_rows = self.base.num_rows
+    self.a = a
+    self.b = b
+    self.b_flat = b.reshape(b.shape[0], -1)
+    self.hb = _row_chunks.contract(hidden, self.b_flat)  # [N, rank]
+
+  def logits(self, start, size):
+    z, context = self.base.logits(start, size)
+    a_chunk = jax.lax.dynamic_slice_in_dim(self.a, start, size, axis=0)
+    scale = jnp.asarray(self.source.scale, z.dtype)
+    z = z + scale * _row_chunks.contract(self.hb, a_chunk)
+    return z, (context, a_chunk)
+
+  def zero_grads(self):
+    d_a = jnp.zeros_like(self.a) if self.source.trainable_a else None
+    return self.base.zero_grads(), d_a, jnp.zeros_like(self.hb)
+
+  def add_grads(self, carry, start, size, dz, context):
+    base_carry, d_a, d_hb = carry
+    base_context, a_chunk = context
+    base_carry = self.base.add_grads(base_carry, start, size, dz, base_context)
+    scaled = dz * jnp.asarray(self.source.scale, dz.dtype)
+    if d_a is not None:
+      d_chunk = jax.lax.dot_general(scaled, self.hb, (((0,), (0,)), ((), ())))
+      d_a = jax.lax.dynamic_update_slice_in_dim(
+        d_a, d_chunk.astype(d_a.dtype), start, axis=0
+      )
+    d_hb = d_hb + scaled @ a_chunk.astype(dz.dtype)
+    return base_carry, d_a, d_hb
+
+  def grads(self, carry):
+    base_carry, d_a, d_hb = carry
+    d_hidden, d_base = self.base.grads(base_carry)
+    d_hidden = d_hidden + d_hb @ self.b_flat.astype(d_hb.dtype)
+    d_b = None
+    if self.source.trainable_b:
+      d_b = jax.lax.dot_general(d_hb, self.hidden, (((0,), (0,)), ((), ())))
+      d_b = d_b.reshape(self.b.shape).astype(self.b.dtype)
+    return d_hidden, (*d_base, d_a, d_b)
+
+
 @functools.lru_cache(maxsize=256)
 def _source(base, scale, trainable_a, trainable_b):
-  return _row_source.LoraSource(base, scale, trainable_a, trainable_b)
+  return LoraSource(base, scale, trainable_a, trainable_b)
 
 
 @functools.partial(jax.jit, static_argnums=1)

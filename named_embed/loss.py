@@ -17,7 +17,7 @@ from named_embed import (
   _named,
   _out_of_range,
   _row_source,
-  _table_arrays,
+  _table_kind,
   _vocab_parallel,
 )
 from named_embed._validation import (
@@ -27,7 +27,6 @@ from named_embed._validation import (
   check_soft_cap,
 )
 from named_embed.decode import EmbeddingDecode
-from named_embed.table import EmbeddingTable
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_TARGET_BYTES = 32 * 2**20
@@ -116,7 +115,7 @@ def _flatten_inputs(embedding_axes, prefix, targets, where):
 
 
 def decode_cross_entropy(
-  table_or_decode: EmbeddingTable | EmbeddingDecode,
+  table_or_decode: _table_kind.AbstractTable | EmbeddingDecode,
   hidden: pz.nx.NamedArrayBase,
   targets: pz.nx.NamedArrayBase | jax.typing.ArrayLike,
   *,
@@ -188,28 +187,23 @@ def decode_cross_entropy(
       soft_cap = table_or_decode.soft_cap
   else:
     table = table_or_decode
+  _table_kind.check_table(table, "ne.decode_cross_entropy", "table_or_decode")
   soft_cap = check_soft_cap(soft_cap)
   _check_options(chunk_size, label_smoothing, z_loss, reduction)
   out_of_range = _out_of_range.check_policy(out_of_range)
-  source = None
-  if type(table) is not EmbeddingTable and hasattr(table, "row_parts"):
-    source, rows = table.row_parts()  # a compressed or adapted table
-    embedding_axes = table.embedding_axes
-  else:
-    rows, embedding_axes = table.rows_and_axes()
+  source, arrays = table.row_parts()
+  embedding_axes = table.embedding_axes
   prefix = _hidden.check_hidden(
     table, embedding_axes, hidden, "decode_cross_entropy"
   )
   h, ids, mask, shape, batch = _flatten_inputs(
     embedding_axes, prefix, targets, where
   )
-  vocab_size = table.true_vocab_size or (
-    rows.shape[0] if source is None else source.num_rows
-  )
+  vocab_size = table.true_vocab_size or source.num_rows
   runtime_check = _out_of_range.needs_runtime_check(
     out_of_range, ids, vocab_size, mask
   )
-  ids_policy = _IdsPolicy(out_of_range, runtime_check, table.frozen)
+  target_options = _TargetOptions(out_of_range, runtime_check)
   config = _chunked_ce.LossConfig(
     chunk_size=chunk_size or default_chunk_size(h.shape[0], vocab_size),
     vocab_size=vocab_size,
@@ -218,92 +212,62 @@ def decode_cross_entropy(
     z_loss=float(z_loss),
   )
   kernel = _compiled_loss(
-    ids_policy, config, reduction, table.rows_sharding, source
+    target_options, config, reduction, table.rows_sharding, source
   )
-  losses = kernel(h, rows, ids, mask)
+  losses = kernel(h, arrays, ids, mask)
   if reduction == "none":
     return _named.named_result(losses.reshape(shape), batch)
   return losses
 
 
-class _IdsPolicy(NamedTuple):
-  """How the loss treats its targets and table (part of the jit cache key)."""
+class _TargetOptions(NamedTuple):
+  """How the loss treats its targets (part of the jit cache key)."""
 
   out_of_range: str
   runtime_check: bool
-  frozen: bool
 
 
 @functools.lru_cache(maxsize=256)
 def _compiled_loss(
-  policy: _IdsPolicy,
+  target_options: _TargetOptions,
   config: _chunked_ce.LossConfig,
   reduction: str,
   rows_sharding: jax.sharding.NamedSharding | None,
-  source: _row_source.RowSource | None = None,
+  source: _row_source.RowSource,
 ):
-  """The whole loss for one static configuration, jitted once. With a
-  ``source`` (a compressed or adapted table), ``rows`` is its tuple of
-  arrays (`named_embed._row_source`)."""
+  """The whole loss for one static configuration, jitted once: ``arrays``
+  are the table's (`named_embed._row_source`)."""
 
-  def decode_cross_entropy_kernel(hidden, rows, ids, mask):
+  def decode_cross_entropy_kernel(hidden, arrays, ids, mask):
     with jax.named_scope("named_embed.decode_cross_entropy"):
       if mask is not None:  # masked targets are never checked nor NaN-filled
         ids = jnp.where(mask, ids, jnp.zeros_like(ids))
-      if source is not None:
-        losses, valid, out_dtype = _source_losses(hidden, rows, ids)
-        return _reduce(losses, valid, mask, reduction).astype(out_dtype)
-      num_rows = rows.shape[0]
-      sharded = _layout.spans_devices(rows, hidden, ids) or _layout.splits(
+      sharded = _layout.spans_devices(*arrays, hidden, ids) or _layout.splits(
         rows_sharding
       )
       safe, valid = _out_of_range.safe_ids(
         ids,
         config.vocab_size,
-        policy.out_of_range,
-        policy.runtime_check,
+        target_options.out_of_range,
+        target_options.runtime_check,
         sharded,
       )
-      if hidden.dtype != rows.dtype:  # joint dtype; table cast per chunk
-        hidden = hidden.astype(_hidden.joint_dtype(hidden.dtype, rows.dtype))
-      rows = _table_arrays.kernel_rows(rows, policy.frozen, rows_sharding)
-      flat_rows = rows.reshape(num_rows, -1)  # a bitcast, not a copy
-      plan = _vocab_parallel.plan_for(hidden, flat_rows, safe, rows_sharding)
-      if plan is None:
+      if hidden.dtype != source.dtype:  # joint dtype; rows cast per chunk
+        hidden = hidden.astype(_hidden.joint_dtype(hidden.dtype, source.dtype))
+      arrays = source.prepare(arrays, rows_sharding)
+      first = source.first_aligned(arrays)
+      layout = first.reshape(first.shape[0], -1)  # a bitcast, for the split
+      split = _vocab_parallel.plan_for(hidden, layout, safe, rows_sharding)
+      if split is None:
         losses = _chunked_ce.chunked_cross_entropy(
-          hidden, flat_rows, safe, config
+          hidden, arrays, safe, config, source
         )
       else:
         losses = _vocab_parallel.vocab_parallel_cross_entropy(
-          hidden, flat_rows, safe, config, plan
+          hidden, arrays, safe, config, split, source
         )
       out_dtype = hidden.dtype
       return _reduce(losses, valid, mask, reduction).astype(out_dtype)
-
-  def _source_losses(hidden, arrays, ids):
-    """Per-position losses of a row source (in the accumulation dtype),
-    which targets were valid, and the output dtype."""
-    sharded = _layout.spans_devices(*arrays, hidden, ids) or _layout.splits(
-      rows_sharding
-    )
-    safe, valid = _out_of_range.safe_ids(
-      ids, config.vocab_size, policy.out_of_range, policy.runtime_check, sharded
-    )
-    if hidden.dtype != source.dtype:  # joint dtype; rows cast per chunk
-      hidden = hidden.astype(_hidden.joint_dtype(hidden.dtype, source.dtype))
-    arrays = _row_source.prepare(source, arrays, rows_sharding)
-    first = arrays[source.row_aligned.index(True)]
-    layout = first.reshape(first.shape[0], -1)  # a bitcast, for the plan
-    plan = _vocab_parallel.plan_for(hidden, layout, safe, rows_sharding)
-    if plan is None:
-      losses = _chunked_ce.source_cross_entropy(
-        hidden, arrays, safe, config, source
-      )
-    else:
-      losses = _vocab_parallel.vocab_parallel_source_cross_entropy(
-        hidden, arrays, safe, config, plan, source
-      )
-    return losses, valid, hidden.dtype
 
   return jax.jit(decode_cross_entropy_kernel)
 

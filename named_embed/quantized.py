@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _quantization, _row_source, _table_arrays
+from named_embed import _quantization, _row_chunks, _row_source, _table_arrays
 from named_embed._table_kind import AbstractTable
 from named_embed._validation import (
   check_choice,
@@ -24,7 +25,7 @@ from named_embed.vocabulary import Vocabulary
 
 
 @pz.pytree_dataclass
-class QuantizedTable(pz.Struct, AbstractTable, _row_source.NoFloatRows):
+class QuantizedTable(pz.Struct, AbstractTable):
   """An embedding table stored as symmetric integer codes and float scales.
 
   Made by `EmbeddingTable.quantized`. Each group of values (a whole row,
@@ -273,11 +274,53 @@ class QuantizedTable(pz.Struct, AbstractTable, _row_source.NoFloatRows):
     return self._codes_axes()
 
 
+DECODE_CHUNK_BYTES = 8 * 2**20
+"""A quantised decode dequantises chunks of rows of about this many bytes."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedSource(_row_source.RowSource):
+  """The row source of a `QuantizedTable`: integer codes and float32
+  scales (`named_embed._quantization`), both row-aligned, neither trains.
+  Rows are dequantised where they are read: the gathered rows of a
+  lookup, one chunk of rows at a time in a decode or the fused loss."""
+
+  num_rows: int
+  row_shape: tuple[int, ...]
+  dtype: np.dtype
+  bits: int
+  group_size: int | None
+
+  row_aligned = (True, True)
+  trainable = (False, False)
+
+  def _dequantize(self, codes, scales):
+    return _quantization.dequantize(
+      codes, scales, self.bits, self.group_size, self.dtype
+    )
+
+  def gather(self, arrays, ids):
+    codes, scales = arrays
+    return self._dequantize(
+      _row_source.take(codes, ids), _row_source.take(scales, ids)
+    )
+
+  def rows_of(self, arrays, first_id):
+    del first_id
+    return self._dequantize(*arrays)
+
+  def logits(self, arrays, hidden, offset=0):
+    del offset
+    row_bytes = math.prod(self.row_shape) * 4
+    chunk = max(
+      256, 2 ** int(math.log2(max(DECODE_CHUNK_BYTES // row_bytes, 1)))
+    )
+    return _row_chunks.chunked_logits(hidden, tuple(arrays), self, chunk)
+
+
 @functools.lru_cache(maxsize=256)
 def _source(num_rows, row_shape, dtype, bits, group_size):
-  return _row_source.QuantizedSource(
-    num_rows, row_shape, np.dtype(dtype), bits, group_size
-  )
+  return QuantizedSource(num_rows, row_shape, np.dtype(dtype), bits, group_size)
 
 
 @functools.partial(jax.jit, static_argnums=2)

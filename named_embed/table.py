@@ -340,9 +340,17 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     ...     embedding_axes=("heads", "head_dim")).embedding_axes
     {'heads': 2, 'head_dim': 3}
     """
+    value = self.embeddings  # a frozen table's value: the eager hot path
+    if type(value) is not pz.nx.NamedArray:
+      value = self.value
+    if type(value) is pz.nx.NamedArray:
+      axes = iter(value.named_axes.items())
+      first, _ = next(axes)
+      if first == self.vocabulary_axis:  # stored vocabulary first
+        return dict(axes)
     return {
       name: size
-      for name, size in self.value.named_shape.items()
+      for name, size in value.named_shape.items()
       if name != self.vocabulary_axis
     }
 
@@ -378,10 +386,16 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     >>> source.num_rows, source.trainable, rows.shape
     (4, (False,), (4, 2))
     """
-    rows = self.rows_array()
-    source = _row_source.dense_source(
-      rows.shape[0], tuple(rows.shape[1:]), rows.dtype, not self.frozen
-    )
+    value, frozen = _table_arrays.value_and_frozen(self.embeddings)
+    if (
+      type(value) is pz.nx.NamedArray
+      and self.true_vocab_size is None
+      and next(iter(value.named_axes)) == self.vocabulary_axis
+    ):  # stored vocabulary first: no transpose, no check (the eager hot path)
+      rows = value.data_array
+    else:
+      rows = self.rows_array()
+    source = _row_source.dense_source(rows.shape, rows.dtype, not frozen)
     return source, (rows,)
 
   def token_rows(self) -> jax.Array:

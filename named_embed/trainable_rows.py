@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _row_source, _table_arrays
-from named_embed._table_kind import AbstractTable
+from named_embed import _adapted, _row_chunks, _row_source, _table_arrays
 from named_embed._validation import check_name
 from named_embed.lora import frozen_base
 from named_embed.quantized import QuantizedTable
@@ -23,9 +22,7 @@ ROWS_AXIS = "rows"
 
 
 @pz.pytree_dataclass
-class TrainableRowsTable(
-  pz.Struct, AbstractTable, _row_source.NoFloatRows, _row_source.BaseFacts
-):
+class TrainableRowsTable(pz.Struct, _adapted.AdaptedTable):
   """A frozen table of which only the rows of a few tokens train.
 
   Made by `EmbeddingTable.with_trainable_rows` (HF PEFT's
@@ -144,9 +141,139 @@ class TrainableRowsTable(
     return rendering.treescope_repr(self, path, subtree_renderer)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainableRowsSource(_row_source.RowSource):
+  """The row source of a `TrainableRowsTable`: a frozen base source whose
+  rows ``row_ids`` (sorted) are replaced by trained ones; arrays ``(*base,
+  values)`` with ``values [k, *embedding]``. Logits are the base's with
+  the trained rows' columns overwritten, in a decode and in the fused loss
+  alike (`TrainableRowsLossReader`)."""
+
+  base: _row_source.RowSource
+  row_ids: tuple[int, ...]
+  trainable_values: bool
+
+  @property
+  def num_rows(self):
+    return self.base.num_rows
+
+  @property
+  def row_shape(self):
+    return self.base.row_shape
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  @property
+  def row_aligned(self):
+    return (*self.base.row_aligned, False)
+
+  @property
+  def trainable(self):
+    return (*self.base.trainable, self.trainable_values)
+
+  def _select(self, ids, base_rows, values):
+    """``values[j]`` where ``ids`` is ``row_ids[j]``, else ``base_rows``."""
+    chosen = jnp.asarray(self.row_ids, jnp.int32)
+    # "compare_all" (no scan) also runs on ids split over Explicit mesh
+    # axes; a scan costs less for many rows.
+    method = "compare_all" if len(self.row_ids) <= 1024 else "scan"
+    position = jnp.searchsorted(chosen, ids.astype(jnp.int32), method=method)
+    position = jnp.minimum(position, len(self.row_ids) - 1)
+    hit = _row_source.take(chosen, position) == ids
+    picked = _row_source.take(values, position).astype(base_rows.dtype)
+    hit = hit.reshape(hit.shape + (1,) * (base_rows.ndim - hit.ndim))
+    return jnp.where(hit, picked, base_rows)
+
+  def gather(self, arrays, ids):
+    *base, values = arrays
+    return self._select(ids, self.base.gather(base, ids), values)
+
+  def rows_of(self, arrays, first_id):
+    *base, values = arrays
+    rows = self.base.rows_of(base, first_id)
+    ids = first_id + jnp.arange(rows.shape[0], dtype=jnp.int32)
+    return self._select(ids, rows, values)
+
+  def logits(self, arrays, hidden, offset=0):
+    *base, values = arrays
+    z = self.base.logits(base, hidden, offset)
+    own = _row_chunks.contract(
+      hidden, values.reshape(values.shape[0], -1)
+    )  # [N, k]
+    columns, _ = _local_columns(self.row_ids, offset, z.shape[1])
+    return z.at[:, columns].set(own, mode="drop")
+
+  def loss_reader(self, arrays, hidden, offset=0):
+    return TrainableRowsLossReader(self, tuple(arrays), hidden, offset)
+
+
+def _local_columns(row_ids, first_id, size):
+  """Columns of ``row_ids`` in a chunk of ``size`` rows from global id
+  ``first_id`` (``size``, dropped by a scatter, where outside), and which
+  are inside."""
+  local = jnp.asarray(row_ids, jnp.int32) - first_id
+  inside = (local >= 0) & (local < size)
+  return jnp.where(inside, local, size), inside
+
+
+class TrainableRowsLossReader(_row_chunks.LossReader):
+  """The fused loss of a `TrainableRowsTable` at the logit level: the
+  trained rows' logits ``h . values^T [N, k]`` are made once and written
+  over their columns in each chunk; backwards, those columns' ``d z`` is
+  gathered into ``d own [N, k]`` (and zeroed for the base), and ``d
+  values`` and their share of ``d h`` are made once, after the loop."""
+
+  def __init__(self, source, arrays: tuple, hidden, offset=0):
+    *base, values = arrays
+    self.source = source
+    self.base = source.base.loss_reader(tuple(base), hidden, offset)
+    self.hidden = hidden
+    self.num_rows = self.base.num_rows
+    self.offset = offset
+    self.values = values
+    self.values_flat = values.reshape(values.shape[0], -1)
+    self.own = _row_chunks.contract(hidden, self.values_flat)  # [N, k]
+
+  def logits(self, start, size):
+    z, context = self.base.logits(start, size)
+    columns, inside = _local_columns(
+      self.source.row_ids, self.offset + start, size
+    )
+    z = z.at[:, columns].set(self.own.astype(z.dtype), mode="drop")
+    return z, (context, columns, inside)
+
+  def zero_grads(self):
+    return self.base.zero_grads(), jnp.zeros_like(self.own)
+
+  def add_grads(self, carry, start, size, dz, context):
+    base_carry, d_own = carry
+    base_context, columns, inside = context
+    picked = jnp.take(dz, jnp.minimum(columns, size - 1), axis=1)
+    d_own = d_own + jnp.where(inside[None, :], picked, jnp.zeros((), dz.dtype))
+    base_dz = dz.at[:, columns].set(0.0, mode="drop")
+    base_carry = self.base.add_grads(
+      base_carry, start, size, base_dz, base_context
+    )
+    return base_carry, d_own
+
+  def grads(self, carry):
+    base_carry, d_own = carry
+    d_hidden, d_base = self.base.grads(base_carry)
+    d_hidden = d_hidden + d_own @ self.values_flat.astype(d_own.dtype)
+    d_values = None
+    if self.source.trainable_values:
+      d_values = jax.lax.dot_general(
+        d_own, self.hidden, (((0,), (0,)), ((), ()))
+      )
+      d_values = d_values.reshape(self.values.shape).astype(self.values.dtype)
+    return d_hidden, (*d_base, d_values)
+
+
 @functools.lru_cache(maxsize=256)
 def _source(base, row_ids, trainable):
-  return _row_source.TrainableRowsSource(base, row_ids, trainable)
+  return TrainableRowsSource(base, row_ids, trainable)
 
 
 @functools.partial(jax.jit, static_argnums=1)
