@@ -2,6 +2,7 @@
 
     python benchmarks/compressed.py            # 131072 x 1024, ~10 minutes
     python benchmarks/compressed.py --quick    # 32768 x 512, ~1 minute
+    python benchmarks/compressed.py --sections losses   # one section
 
 Prints, in one run (implementations of a case timed interleaved, round
 by round, with `_harness.time_rounds`; "ratio" is the median over rounds
@@ -144,6 +145,29 @@ def textbook(w, h, y):
   return jax.value_and_grad(loss)(h)
 
 
+def textbook_lora(w, a, b, scale, h, y):
+  """The textbook loss on the merged LoRA table, gradients to A, B, h."""
+
+  def loss(a, b, h):
+    z = h @ (w + scale * a @ b).T
+    target = jnp.take_along_axis(z, y[:, None], 1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(z, 1) - target)
+
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))(a, b, h)
+
+
+def textbook_rows(w, ids, values, h, y):
+  """The textbook loss with trained rows written in, gradients to the
+  rows and h."""
+
+  def loss(values, h):
+    z = h @ w.at[ids].set(values).T
+    target = jnp.take_along_axis(z, y[:, None], 1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(z, 1) - target)
+
+  return jax.value_and_grad(loss, argnums=(0, 1))(values, h)
+
+
 def fused(table, hidden, targets):
   return jax.value_and_grad(
     lambda h: ne.decode_cross_entropy(table, h, targets)
@@ -167,6 +191,19 @@ def losses(w, all_tables, rng, rounds, n):
   hidden = pz.nx.wrap(h).tag("seq", "embedding")
   targets = pz.nx.wrap(y).tag("seq")
   impls = {"float32 textbook (baseline)": (textbook, (w, h, y))}
+  lora = all_tables["LoRA r8 / float32"]
+  a = jnp.asarray(rng.normal(size=(v, lora.rank)).astype(np.float32))
+  b = lora.lora_b.value.data_array
+  impls["textbook on the merged LoRA table (to A, B, h)"] = (
+    textbook_lora,
+    (w, a, b, lora.scale, h, y),
+  )
+  trained = all_tables["16 trainable rows / float32"]
+  ids = jnp.asarray(trained.row_ids)
+  impls["textbook with 16 rows written in (to rows, h)"] = (
+    textbook_rows,
+    (w, ids, w[ids], h, y),
+  )
   for name, table in all_tables.items():
     if name in ("float32", "int8", "int4 (g64)"):
       impls[f"named_embed fused {name}"] = (fused, (table, hidden, targets))
@@ -257,20 +294,31 @@ def accuracy(quick):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument(
+    "--sections",
+    default="sizes,lookups,decodes,losses,accuracy",
+    help="comma-separated subset of sizes,lookups,decodes,losses,accuracy",
+  )
   args = parser.parse_args()
+  sections = set(args.sections.split(","))
   v, d, rounds = (32768, 512, 5) if args.quick else (131072, 1024, 15)
   print(
     f"# named_embed compressed tables ({'quick' if args.quick else 'full'}"
     f" mode, jax {jax.__version__}, load average {os.getloadavg()[0]:.2f})"
   )
-  sizes()
+  if "sizes" in sections:
+    sizes()
   rng = np.random.default_rng(0)
   all_tables = tables(v, d, rng)
   w = all_tables["float32"].rows_array()
-  lookups(w, all_tables, rng, rounds)
-  decodes(w, all_tables, rng, rounds, n=64)
-  losses(w, all_tables, rng, max(3, rounds // 3), n=1024)
-  accuracy(args.quick)
+  if "lookups" in sections:
+    lookups(w, all_tables, rng, rounds)
+  if "decodes" in sections:
+    decodes(w, all_tables, rng, rounds, n=64)
+  if "losses" in sections:
+    losses(w, all_tables, rng, max(3, rounds // 3), n=1024)
+  if "accuracy" in sections:
+    accuracy(args.quick)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,18 @@ import collections
 import functools
 from typing import TypeVar
 
+import jax
 from penzai import pz
 
-from named_embed import _table_arrays
-from named_embed.table import EmbeddingTable
+from named_embed import _table_arrays, _table_kind
 
 Model = TypeVar("Model")
 
 
 def replace_table(
-  model: Model, table: EmbeddingTable, new_table: EmbeddingTable
+  model: Model,
+  table: _table_kind.AbstractTable,
+  new_table: _table_kind.AbstractTable,
 ) -> Model:
   """Puts ``new_table`` wherever ``model`` holds ``table``.
 
@@ -32,7 +34,8 @@ def replace_table(
     new_table: Its replacement, e.g. ``table.with_added_tokens([...])``.
 
   Raises:
-    TypeError: if ``table`` or ``new_table`` is not an `EmbeddingTable`.
+    TypeError: if ``table`` or ``new_table`` is not a table (of any kind:
+      float, quantised, LoRA, trainable rows).
     ValueError: if no table of ``model`` matches ``table`` (the message
       lists the tables it holds).
 
@@ -51,18 +54,16 @@ def replace_table(
   [('embed.embeddings', 6)]
   """
   for name, value in (("table", table), ("new_table", new_table)):
-    if not isinstance(value, EmbeddingTable):
-      raise TypeError(
-        f"replace_table: `{name}` must be an EmbeddingTable, got"
-        f" {type(value).__name__}."
-      )
+    _table_kind.check_table(value, "replace_table", name)
   selection = (
     pz.select(model)
-    .at_instances_of(EmbeddingTable)
+    .at_instances_of(_table_kind.AbstractTable)
     .where(functools.partial(_holds_same, table))
   )
   if selection.count() == 0:
-    found = pz.select(model).at_instances_of(EmbeddingTable).get_sequence()
+    found = (
+      pz.select(model).at_instances_of(_table_kind.AbstractTable).get_sequence()
+    )
     held = collections.Counter(_describe(t) for t in found)
     listing = "; ".join(
       d if n == 1 else f"{d} (in {n} places)" for d, n in held.items()
@@ -70,29 +71,48 @@ def replace_table(
     raise ValueError(
       f"replace_table: no table of the model matches {_describe(table)}."
       f" It holds: {listing or 'no table'}. Trainable tables"
-      " are matched by their Parameter object (a new Parameter with the same"
-      " label is another parameter), frozen ones by identity: pass the table"
-      " object the model holds, e.g. `model.sublayers[0].table`."
+      " are matched by their Parameter objects (a new Parameter with the"
+      " same label is another parameter), frozen ones by identity: pass the"
+      " table object the model holds, e.g. `model.sublayers[0].table`."
     )
   return selection.set(new_table)
 
 
-def _holds_same(table: EmbeddingTable, candidate: EmbeddingTable) -> bool:
-  if candidate is table:
-    return True
-  mine, theirs = table.embeddings, candidate.embeddings
+def _is_holder(node) -> bool:
+  return isinstance(node, pz.Parameter | pz.ParameterValue | pz.ParameterSlot)
+
+
+def _holders(table) -> list:
+  """What a table of any kind holds: its variables and arrays, in order."""
+  return jax.tree.leaves(table, is_leaf=_is_holder)
+
+
+def _same_holder(mine, theirs) -> bool:
+  if not _is_holder(mine):  # an array: the same array object
+    return theirs is mine
   kind = _table_arrays.holder_kind(mine)
-  if kind in ("parameter", "array"):
+  if kind == "parameter":
     return theirs is mine
   return _table_arrays.holder_kind(theirs) == kind and theirs.label == getattr(
     mine, "label", None
   )
 
 
-def _describe(table: EmbeddingTable) -> str:
-  kind = _table_arrays.holder_kind(table.embeddings)
-  label = getattr(table.embeddings, "label", None)
-  if kind == "array":
-    shape = dict(table.value.named_shape)
-    return f"a frozen table {shape}"
-  return f"a table holding a {kind.replace('_', ' ')} labelled {label!r}"
+def _holds_same(table, candidate) -> bool:
+  if candidate is table:
+    return True
+  if type(candidate) is not type(table):
+    return False
+  mine, theirs = _holders(table), _holders(candidate)
+  return len(mine) == len(theirs) and all(
+    _same_holder(a, b) for a, b in zip(mine, theirs)
+  )
+
+
+def _describe(table) -> str:
+  name = type(table).__name__
+  labels = [h.label for h in _holders(table) if _is_holder(h)]
+  if not labels:
+    axes = {table.vocabulary_axis: table.num_rows, **table.embedding_axes}
+    return f"a frozen {name} {axes}"
+  return f"a {name} holding {', '.join(map(repr, labels))}"

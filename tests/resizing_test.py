@@ -292,7 +292,7 @@ def test_replace_table_leaves_other_tables_and_matches_frozen_by_identity():
   assert grown.sublayers[1].table.vocab_size == 5
   with pytest.raises(ValueError, match="'tok.embeddings' \\(in 2 places\\)"):
     ne.replace_table(tied(table), make_table(), table)
-  with pytest.raises(TypeError, match="`new_table` must be an EmbeddingTable"):
+  with pytest.raises(TypeError, match="`new_table` must be a named_embed table"):
     ne.replace_table(model, table, "table")
 
 
