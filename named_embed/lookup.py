@@ -161,10 +161,10 @@ def _lookup(
   shape = (
     value.named_axes if type(value) is pz.nx.NamedArray else value.named_shape
   )
-  runtime_check = options.out_of_range == "error" and (
-    _out_of_range.needs_runtime_check(
-      "error", ids, table.true_vocab_size or shape[table.vocabulary_axis]
-    )
+  ids, runtime_check = _out_of_range.admit_ids(
+    ids,
+    options.out_of_range,
+    table.true_vocab_size or shape[table.vocabulary_axis],
   )
   plan = _plan(
     options,
@@ -233,8 +233,8 @@ def _source_lookup(table: Any, tokens: Any, options, caller: str):
   the kernel reads the table's row source (`named_embed._row_source`)."""
   source, arrays = table.row_parts()
   ids, token_axes = _named.split_tokens(tokens)
-  runtime_check = options.out_of_range == "error" and (
-    _out_of_range.needs_runtime_check("error", ids, table.vocab_size)
+  ids, runtime_check = _out_of_range.admit_ids(
+    ids, options.out_of_range, table.vocab_size
   )
   plan = _source_plan(
     options,

@@ -63,7 +63,7 @@ def _flatten_inputs(embedding_axes, prefix, targets, where):
   if isinstance(targets, pz.nx.NamedArrayBase):
     target_prefix = _named.as_prefix_layout(targets)
   else:
-    target_prefix = pz.nx.wrap(jnp.asarray(targets))
+    target_prefix = _named.wrap_ids(targets)  # host ids stay 64-bit
   if (
     dict(target_prefix.named_shape) != batch
     or target_prefix.positional_shape != prefix.positional_shape
@@ -206,8 +206,8 @@ def decode_cross_entropy(
   vocab_size = table.true_vocab_size or (
     rows.shape[0] if source is None else source.num_rows
   )
-  runtime_check = _out_of_range.needs_runtime_check(
-    out_of_range, ids, vocab_size, mask
+  ids, runtime_check = _out_of_range.admit_ids(
+    ids, out_of_range, vocab_size, mask
   )
   ids_policy = _IdsPolicy(out_of_range, runtime_check, table.frozen)
   config = _chunked_ce.LossConfig(
