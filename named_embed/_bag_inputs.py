@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from penzai import pz
 
-from named_embed import _gather, _named, _pooling
+from named_embed import _gather, _named, _out_of_range, _pooling
 from named_embed._validation import check_choice, check_optional_positive_int
 
 
@@ -241,6 +241,22 @@ def ragged_bags(
     out_axes=collections.OrderedDict([(bag_axis, num_bags)]),
     token_axes=(bag_axis,),
   )
+
+
+def admit_ids(bags: Bags, policy: str, vocab_size: int) -> tuple[Bags, bool]:
+  """``bags`` with ids ready for the kernel, and whether ``"error"`` checks
+  them at run time (`named_embed._out_of_range.admit_ids`; ids after the
+  last offset are in no bag and exempt).
+
+  Raises:
+    IndexError: under ``"error"``, for concrete out-of-range ids in a bag.
+  """
+  # With traced offsets, which ids are in a bag is known at run time only.
+  runtime = policy == "error" and isinstance(bags.offsets, jax.core.Tracer)
+  ids, runtime_check = _out_of_range.admit_ids(
+    bags.ids, policy, vocab_size, bags.checked, runtime
+  )
+  return bags._replace(ids=ids), runtime_check
 
 
 def _offsets_array(offsets: Any):

@@ -44,6 +44,21 @@ def split_tokens(
   return ids, named
 
 
+def wrap_ids(ids: object) -> pz.nx.NamedArray:
+  """Plain ids as a positional `NamedArray`, host ids left on the host.
+
+  Unlike `pz.nx.wrap` (which calls `jnp.asarray`, keeping only the low 32
+  bits of int64 ids while x64 is off), numpy arrays and Python ints stay
+  as they are, so `named_embed._out_of_range.admit_ids` sees their values.
+
+  >>> wrap_ids([2**32 + 1]).data_array
+  array([4294967297])
+  """
+  if not hasattr(ids, "dtype"):
+    ids = np.asarray(ids)
+  return wrap_named(ids, collections.OrderedDict())
+
+
 def check_no_clash(
   what: str,
   given_axes: Mapping[str, int] | Iterable[str],

@@ -4,6 +4,9 @@ Every call that reads rows by id (lookups, the fused loss's targets, and
 later pooled lookups) takes ``out_of_range=`` and goes through this module:
 
 - `check_policy` validates the name (one of `POLICIES`);
+- `admit_ids` applies the policy on the host to host ids wider than 32
+  bits (with x64 off JAX would wrap them to int32 on the way in), then
+  calls `needs_runtime_check`;
 - `needs_runtime_check` decides, for ``"error"``, whether the ids are
   checked now (concrete ids: an `IndexError` at once) or inside the
   computation (traced ids);
@@ -50,6 +53,81 @@ def check_policy(out_of_range: object) -> str:
   'clip'
   """
   return check_choice("out_of_range", out_of_range, POLICIES)
+
+
+_HOST_IDS = (np.ndarray, np.integer)
+_WIDE_DTYPES = (np.dtype(np.int64), np.dtype(np.uint64))
+_INT32 = np.iinfo(np.int32)
+
+
+def admit_ids(
+  ids: object,
+  policy: str,
+  vocab_size: int,
+  mask: object = None,
+  runtime: bool = False,
+) -> tuple[object, bool]:
+  """Ids ready for a kernel, and whether ``"error"`` checks them at run time.
+
+  Host (numpy) int64 and uint64 ids are resolved here, exactly, while x64 is
+  off: passing them to a jitted kernel would convert them to int32 (uint32)
+  by keeping their low 32 bits, so ``2**32 + 1`` would read row 1. Where all
+  are in ``[0, vocab_size)`` they pass as they are; otherwise ``"clip"`` and
+  ``"wrap"`` become the int32 ids they select (``id % vocab_size`` computed
+  on the 64-bit values), ``"error"`` raises `IndexError` naming the
+  original ids, and ``"fill"`` saturates them to the int32 range (still out
+  of range, so still NaN rows). Device arrays and narrower ids are returned
+  untouched, with no work beyond one ``isinstance``.
+
+  Args:
+    ids: Raw ids (as `named_embed._named.split_tokens` returns them).
+    policy: One of `POLICIES`.
+    vocab_size: The number of valid ids.
+    mask: Positions where it is False are exempt from ``"error"``.
+    runtime: ``"error"`` checks at run time whatever the ids (the caller
+      knows only then which ids count, as with a traced ``mask``); host
+      ids are then saturated to int32, out of range as they were.
+
+  Returns:
+    ``(ids, runtime_check)``, ``runtime_check`` as `needs_runtime_check`.
+
+  Raises:
+    IndexError: under ``"error"``, for concrete out-of-range ids.
+
+  >>> admit_ids(np.array([2**32 + 1, -2**40, 4]), "clip", 5)[0]
+  array([4, 0, 4], dtype=int32)
+  >>> admit_ids(np.array([2**32 + 1, 3]), "wrap", 5)[0]  # 2**32 + 1 = 2 mod 5
+  array([2, 3], dtype=int32)
+  """
+  if (
+    isinstance(ids, _HOST_IDS)
+    and ids.dtype in _WIDE_DTYPES
+    and not jax.config.read("jax_enable_x64")
+  ):
+    runtime = runtime or isinstance(mask, jax.core.Tracer)
+    ids = _narrow(ids, policy, vocab_size, None if runtime else mask, runtime)
+  if policy != "error":
+    return ids, False
+  return ids, runtime or needs_runtime_check(policy, ids, vocab_size, mask)
+
+
+def _narrow(
+  ids: np.ndarray, policy: str, vocab_size: int, mask: object, runtime: bool
+) -> np.ndarray:
+  """`admit_ids` for host int64 / uint64 ids (see there)."""
+  if ids.size == 0 or (ids.min() >= 0 and ids.max() < vocab_size):
+    return ids  # the common case: converting them to int32 is exact
+  if policy == "clip":
+    return np.clip(ids, 0, vocab_size - 1).astype(np.int32)
+  if policy == "wrap":
+    return np.remainder(ids, vocab_size).astype(np.int32)
+  if policy == "error" and not runtime:
+    checked = ids if mask is None else np.where(np.asarray(mask), ids, 0)
+    raise_if_out_of_range(checked, vocab_size)
+  # "fill", and ids "error" exempts or checks later: out of range they stay.
+  if ids.dtype.kind == "u":
+    return np.minimum(ids, _INT32.max).astype(np.int32)
+  return np.clip(ids, _INT32.min, _INT32.max).astype(np.int32)
 
 
 def safe_ids(

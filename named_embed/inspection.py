@@ -257,7 +257,8 @@ def _resolve(
   """``(vectors, ids)`` of a query; ``ids`` is None for vector queries."""
   if isinstance(query, (jax.Array, np.ndarray)):
     if jnp.issubdtype(query.dtype, jnp.integer) and query.ndim == 0:
-      query = pz.nx.wrap(query)
+      # A numpy id goes by value (`_row_id`): jnp keeps 32 of int64's bits.
+      query = query[()] if isinstance(query, np.ndarray) else pz.nx.wrap(query)
     elif jnp.issubdtype(query.dtype, jnp.floating):
       query = _wrap_vector(table, query)
   if isinstance(query, pz.nx.NamedArrayBase):

@@ -150,8 +150,8 @@ def _lookup(
   _table_kind.check_table(table, f"named_embed.{caller}")
   source, arrays = table.row_parts()
   ids, token_axes = _named.split_tokens(tokens)
-  runtime_check = options.out_of_range == "error" and (
-    _out_of_range.needs_runtime_check("error", ids, table.vocab_size)
+  ids, runtime_check = _out_of_range.admit_ids(
+    ids, options.out_of_range, table.vocab_size
   )
   plan = _plan(
     options,

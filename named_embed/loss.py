@@ -200,8 +200,8 @@ def decode_cross_entropy(
     embedding_axes, prefix, targets, where
   )
   vocab_size = table.true_vocab_size or source.num_rows
-  runtime_check = _out_of_range.needs_runtime_check(
-    out_of_range, ids, vocab_size, mask
+  ids, runtime_check = _out_of_range.admit_ids(
+    ids, out_of_range, vocab_size, mask
   )
   target_options = _TargetOptions(out_of_range, runtime_check)
   config = _chunked_ce.LossConfig(

@@ -19,7 +19,6 @@ from penzai import pz
 from named_embed import (
   _bag_inputs,
   _named,
-  _out_of_range,
   _pooled_kernel,
   _pooling,
   _table_arrays,
@@ -202,13 +201,9 @@ def _pooled(
     value = table.value  # raises: unbound
   shape = value.named_shape
   vocab_size = table.true_vocab_size or shape[table.vocabulary_axis]
-  policy = options.rows.out_of_range
-  if policy == "error" and isinstance(bags.offsets, jax.core.Tracer):
-    runtime_check = True  # which ids are in a bag is known at run time only
-  else:
-    runtime_check = _out_of_range.needs_runtime_check(
-      policy, bags.ids, vocab_size, bags.checked
-    )
+  bags, runtime_check = _bag_inputs.admit_ids(
+    bags, options.rows.out_of_range, vocab_size
+  )
   plan = _plan(
     options,
     table.vocabulary_axis,

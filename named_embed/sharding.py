@@ -16,6 +16,7 @@ chunks within each shard (`named_embed._vocab_parallel`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,6 +46,88 @@ def _check_rules(mesh: Mesh, rules: Rules) -> None:
           f"`rules` maps axis {name!r} to mesh axis {axis!r}, which is not"
           f" one of the mesh's axes {tuple(mesh.axis_names)}."
         )
+
+
+_VARIABLES = pz.Parameter | pz.StateVariable
+_TABLES = EmbeddingTable | QuantizedTable
+_NAMED_LEAVES = pz.nx.NamedArrayBase | _VARIABLES
+
+
+def axis_names(tree: Any) -> set[str]:
+  """Every axis name of the NamedArrays in ``tree`` (inside tables and
+  penzai variables too), and the vocabulary axis of every table (known
+  even while the table is unbound).
+
+  >>> import numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32))
+  >>> sorted(ne.sharding.axis_names(
+  ...     [table, pz.nx.wrap(np.zeros(3)).tag("batch")]))
+  ['batch', 'embedding', 'vocabulary']
+  """
+  names: set[str] = set()
+  leaves = jax.tree.leaves(
+    tree, is_leaf=lambda n: isinstance(n, _TABLES | _NAMED_LEAVES)
+  )
+  for leaf in leaves:
+    if isinstance(leaf, _TABLES):  # its arrays, then its vocabulary axis
+      inner = jax.tree.leaves(
+        leaf, is_leaf=lambda n: isinstance(n, _NAMED_LEAVES)
+      )
+      names |= axis_names(inner) | {leaf.vocabulary_axis}
+    elif isinstance(leaf, _VARIABLES):
+      if isinstance(leaf.value, pz.nx.NamedArrayBase):
+        names.update(leaf.value.named_shape)
+    elif isinstance(leaf, pz.nx.NamedArrayBase):
+      names.update(leaf.named_shape)
+  return names
+
+
+def _resembles(rule: str, axis: str) -> bool:
+  """Whether the rule name ``rule`` looks like a misspelling of ``axis``
+  (same up to case, one a prefix of the other, or nearly the same)."""
+  a, b = rule.casefold(), axis.casefold()
+  if min(len(a), len(b)) >= 3 and (a.startswith(b) or b.startswith(a)):
+    return True
+  return a == b or difflib.SequenceMatcher(None, a, b).ratio() >= 0.8
+
+
+def check_rule_names(rules: Rules, names: set[str], what: str) -> None:
+  """Raises ValueError for rules whose names no axis of the tree has and
+  that resemble an axis name it has: a typo, which would silently leave
+  that axis replicated.
+
+  One mapping may serve a whole program (``{"vocabulary": "model",
+  "batch": "data"}`` for the table and for the tokens alike, or
+  ``{"batch": "data"}`` to keep a table replicated), so a rule naming no
+  axis of this tree is otherwise accepted: it is meant for other arrays.
+
+  >>> check_rule_names({"vocab": "model"}, {"vocabulary", "embedding"},
+  ...                  "ne.shard")
+  Traceback (most recent call last):
+    ...
+  ValueError: ne.shard: `rules` name ['vocab'], which no NamedArray axis of the tree has (its axis names are ['embedding', 'vocabulary']): 'vocab' looks like 'vocabulary'. Such a rule would shard nothing and leave the axis replicated. Fix the rule names (rules for axes of other arrays are fine).
+  >>> check_rule_names({"vocabulary": "model", "batch": "data"},
+  ...                  {"vocabulary", "embedding"}, "ne.shard")  # fine
+  """
+  unknown = [name for name in rules if name not in names]
+  alike = {
+    rule: [axis for axis in sorted(names) if _resembles(rule, axis)]
+    for rule in unknown
+  }
+  alike = {rule: axes for rule, axes in alike.items() if axes}
+  if not alike:
+    return  # rules for the axes of other arrays
+  hints = "; ".join(
+    f"{rule!r} looks like {' or '.join(map(repr, axes))}"
+    for rule, axes in alike.items()
+  )
+  raise ValueError(
+    f"{what}: `rules` name {list(alike)}, which no NamedArray axis of the"
+    f" tree has (its axis names are {sorted(names)}): {hints}. Such a rule"
+    " would shard nothing and leave the axis replicated. Fix the rule"
+    " names (rules for axes of other arrays are fine)."
+  )
 
 
 def partition_spec(
@@ -156,10 +239,22 @@ def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   Args:
     tree: Any pytree holding NamedArrays, tables or penzai variables.
     mesh: The device mesh.
-    rules: Axis name -> mesh axis name (or a tuple of them, or None).
+    rules: Axis name -> mesh axis name (or a tuple of them, or None). One
+      mapping may serve a whole program: rules for axes that only other
+      arrays have are ignored here (so ``{"batch": "data"}`` keeps a table
+      replicated), unless the name resembles an axis of ``tree``.
 
   Returns:
     The tree with its arrays placed.
+
+  Raises:
+    ValueError: for a rule naming a mesh axis the mesh lacks, a mesh axis
+      that does not divide its axis or is used twice in one array, and a
+      rule naming no axis of the tree but resembling one of its axis names
+      (a typo, ``"vocab"`` for ``"vocabulary"``, which would leave that
+      axis replicated; the message names the unknown rules and the tree's
+      axis names).
+    TypeError: for ``rules`` that are not a mapping.
 
   Example:
 
@@ -171,6 +266,7 @@ def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   P('model', None)
   """
   _check_rules(mesh, rules)
+  check_rule_names(rules, axis_names(tree), "ne.shard")
 
   def visit(node):
     if isinstance(node, EmbeddingTable):
@@ -220,6 +316,10 @@ def sharded_init(
   Returns:
     The table, with the same kind of ``embeddings`` ``build`` returns.
 
+  Raises:
+    ValueError: for rules as in `shard` (a typo of the table's axis names
+      is caught before the initialiser runs).
+
   Example:
 
   >>> import jax, named_embed as ne
@@ -240,6 +340,9 @@ def sharded_init(
     return table.value
 
   abstract = jax.eval_shape(initial_value)
+  _check_rules(mesh, rules)
+  names = {captured["table"].vocabulary_axis, *abstract.named_shape}
+  check_rule_names(rules, names, "ne.sharded_init")
   sharding = NamedSharding(mesh, partition_spec(abstract, mesh, rules))
   out_shardings = jax.tree.map(lambda _: sharding, abstract)
   value = jax.jit(initial_value, out_shardings=out_shardings)()

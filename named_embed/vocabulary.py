@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -47,6 +48,7 @@ class Vocabulary:
     eos: End-of-sequence token, or None.
 
   Raises:
+    TypeError: for a bare string (or bytes) instead of a list of tokens.
     ValueError: for duplicate or non-string tokens, or a role naming a
       token that is not in the vocabulary.
   """
@@ -62,6 +64,13 @@ class Vocabulary:
     bos: str | None = None,
     eos: str | None = None,
   ):
+    if isinstance(tokens, (str, bytes, bytearray)):
+      raise TypeError(
+        "ne.Vocabulary takes a list of token strings, one a row; got"
+        f" {_shown(tokens)}, which would make one token per character."
+        " Pass a list, e.g. `ne.Vocabulary(text.split())`, or read a"
+        " vocab.txt or tokenizer.json file with `ne.Vocabulary.load(path)`."
+      )
     tokens = tuple(tokens)
     ids: dict[str, int] = {}
     for i, token in enumerate(tokens):
@@ -163,8 +172,14 @@ class Vocabulary:
     1
 
     Raises:
+      TypeError: for anything but a string.
       KeyError: for an unknown token when no unk role is set.
     """
+    if not isinstance(token, str):
+      raise TypeError(
+        f"Vocabulary.id takes one token string, got {_shown(token)}. For a"
+        " list of tokens, use `encode`; for the token of a row, `token`."
+      )
     found = self._ids.get(token)
     if found is not None:
       return found
@@ -184,9 +199,17 @@ class Vocabulary:
     'b'
 
     Raises:
+      TypeError: for anything but an integer (a string, a float, a list).
       IndexError: outside ``[-len, len)``.
     """
-    index = int(index)
+    try:
+      index = operator.index(index)
+    except TypeError:
+      raise TypeError(
+        f"Vocabulary.token takes one integer row, got {_shown(index)}. For"
+        " a list or array of ids, use `decode`; for the row of a token,"
+        " `id`."
+      ) from None
     if not -len(self) <= index < len(self):
       raise IndexError(
         f"Row {index} is outside the vocabulary of {len(self)} tokens."
@@ -194,22 +217,64 @@ class Vocabulary:
     return self._tokens[index]
 
   def encode(self, tokens: Iterable[str]) -> list[int]:
-    """Rows of ``tokens`` (see `id`).
+    """Rows of ``tokens``, a list of token strings (see `id`).
+
+    A vocabulary maps whole tokens, it does not tokenize: split a text
+    first (or use the model's tokenizer), then encode its tokens.
 
     >>> import named_embed as ne
-    >>> ne.Vocabulary(["a", "b"]).encode(["b", "a", "b"])
+    >>> vocab = ne.Vocabulary(["a", "dog", "slept"])
+    >>> vocab.encode(["dog", "a", "dog"])
     [1, 0, 1]
+    >>> vocab.encode("a dog slept".split())
+    [0, 1, 2]
+    >>> vocab.encode("a dog slept")
+    Traceback (most recent call last):
+      ...
+    TypeError: Vocabulary.encode takes a list of token strings, got the str 'a dog slept', which would be encoded character by character. Split it into tokens first, e.g. `vocab.encode(text.split())`, or tokenize it with the model's tokenizer (e.g. a Hugging Face tokenizer's `tokenize(text)`) and encode the tokens; for one token, use `vocab.id(token)`.
+
+    Raises:
+      TypeError: for a bare string (or bytes), or a token that is not a
+        string.
+      KeyError: for an unknown token when no unk role is set.
     """
+    if isinstance(tokens, (str, bytes, bytearray)):
+      raise TypeError(
+        "Vocabulary.encode takes a list of token strings, got"
+        f" {_shown(tokens)}, which would be encoded character by character."
+        " Split it into tokens first, e.g. `vocab.encode(text.split())`, or"
+        " tokenize it with the model's tokenizer (e.g. a Hugging Face"
+        " tokenizer's `tokenize(text)`) and encode the tokens; for one"
+        " token, use `vocab.id(token)`."
+      )
     return [self.id(token) for token in tokens]
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> list[str]:
-    """Tokens of ``ids`` (see `token`).
+    """Tokens of ``ids``, a list or an integer array of any shape, read in
+    row-major order (see `token`).
 
     >>> import named_embed as ne
     >>> ne.Vocabulary(["a", "b"]).decode([1, 0])
     ['b', 'a']
+
+    Raises:
+      TypeError: for a string, or ids that are not integers.
+      IndexError: for an id outside ``[-len, len)``.
     """
-    return [self.token(i) for i in np.asarray(ids).reshape(-1).tolist()]
+    if isinstance(ids, (str, bytes, bytearray)):
+      raise TypeError(
+        f"Vocabulary.decode takes integer ids, got {_shown(ids)}. For the"
+        " rows of tokens, use `encode` (a list of tokens) or `id` (one)."
+      )
+    values = np.asarray(ids)
+    if values.size and values.dtype.kind not in "iu":
+      raise TypeError(
+        "Vocabulary.decode takes integer ids, got an array of dtype"
+        f" {values.dtype} (shape {values.shape}). Non-integer ids are never"
+        " converted silently: convert them explicitly, e.g."
+        " `ids.astype(int)`."
+      )
+    return [self.token(i) for i in values.reshape(-1).tolist()]
 
   # ------------------------------------------------------------- protocol
 
@@ -287,6 +352,14 @@ class Vocabulary:
       return cls(tokens, **roles)
     except ValueError as error:
       raise ValueError(f"{path}: {error}") from None
+
+
+def _shown(value: object, limit: int = 40) -> str:
+  """``value`` for an error message: its type and a short repr."""
+  text = repr(value)
+  if len(text) > limit:
+    text = text[: limit - 3] + "..."
+  return f"the {type(value).__name__} {text}"
 
 
 def _vocab_txt_tokens(path: str) -> list[str]:

@@ -226,3 +226,73 @@ def test_help_subprocess():
   for flag in ("--steps", "--seed", "--output", "--batch-size"):
     assert flag in proc.stdout
   assert proc.stdout.startswith("usage: python -m named_embed")
+
+
+def _untrained(monkeypatch):
+  """Makes training fail loudly: the output check must come first."""
+
+  def train(*args, **kwargs):
+    raise AssertionError("trained before checking --output")
+
+  monkeypatch.setattr(demo.cli, "train", train)
+
+
+@pytest.mark.parametrize(
+  "where, problem",
+  [
+    ("missing/x.html", "its directory '{tmp}/missing' does not exist"),
+    (".", "'{tmp}' is a directory"),
+    ("file/x.html", "'{tmp}/file' is not a directory"),
+  ],
+  ids=["no-directory", "a-directory", "parent-is-a-file"],
+)
+def test_bad_output_path_exits_before_training(
+  where, problem, tmp_path, monkeypatch, capsys
+):
+  (tmp_path / "file").write_text("")
+  _untrained(monkeypatch)
+  output = str(tmp_path) if where == "." else str(tmp_path / where)
+  with pytest.raises(SystemExit) as info:
+    demo.main(["--steps", "2", "--output", output])
+  assert info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""  # not even the header: nothing ran
+  expected = problem.format(tmp=tmp_path)
+  assert f"error: --output {output}: cannot write the page:" in captured.err
+  assert expected in captured.err
+  with pytest.raises(ValueError, match="Cannot write the page to `output`"):
+    demo.run(steps=2, output=output)
+
+
+def test_unwritable_output_exits_before_training(tmp_path, monkeypatch, capsys):
+  # Permission bits do not stop root: simulate what os.access would say.
+  _untrained(monkeypatch)
+  page = tmp_path / "page.html"
+  page.write_text("")
+  monkeypatch.setattr(
+    demo.cli.os, "access", lambda path, mode: os.fspath(path) != str(page)
+  )
+  with pytest.raises(SystemExit):
+    demo.main(["--output", str(page)])
+  assert f"{str(page)!r} exists and is not writable" in capsys.readouterr().err
+  monkeypatch.setattr(
+    demo.cli.os, "access", lambda path, mode: os.fspath(path) != str(tmp_path)
+  )
+  with pytest.raises(SystemExit):
+    demo.main(["--output", str(page)])
+  assert f"{str(tmp_path)!r} is not writable" in capsys.readouterr().err
+
+
+def test_bad_output_subprocess_fails_fast_with_a_usage_error():
+  proc = subprocess.run(
+    [sys.executable, "-m", "named_embed", "--output", "/nonexistent/x.html"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
+  assert proc.returncode == 2
+  assert proc.stdout == ""
+  assert proc.stderr.startswith("usage: python -m named_embed")
+  assert "its directory '/nonexistent' does not exist" in proc.stderr
+  assert "Traceback" not in proc.stderr

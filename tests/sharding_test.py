@@ -62,6 +62,85 @@ def test_bad_rules_are_named_in_errors():
     ne.shard(table, mesh, both)
 
 
+@pytest.mark.parametrize(
+  "typo, alike",
+  [
+    ("vocab", "vocabulary"),
+    ("Vocabulary", "vocabulary"),
+    ("embed", "embedding"),
+  ],
+)
+def test_a_misspelt_rule_is_a_value_error_naming_rules_and_axes(typo, alike):
+  mesh = jax.make_mesh((1,), ("model",))
+  table = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32))
+  with pytest.raises(ValueError) as info:
+    ne.shard(table, mesh, {typo: "model"})
+  message = str(info.value)
+  assert f"`rules` name [{typo!r}]" in message
+  assert "axis names are ['embedding', 'vocabulary']" in message
+  assert f"{typo!r} looks like {alike!r}" in message
+  # Also next to rules that apply, and for a table in a model tree.
+  model = pz.nn.Sequential([ne.EmbeddingLookup(table)])
+  tokens = pz.nx.wrap(np.zeros((2, 3), np.int32)).tag("batch", "seq")
+  with pytest.raises(ValueError, match=f"{typo!r} looks like {alike!r}"):
+    ne.shard((model, tokens), mesh, {"batch": "model", typo: "model"})
+
+
+def test_rules_may_name_axes_of_other_arrays():
+  """One mapping for a whole program: a table sharded by rules that also
+  name the tokens' axes, tokens by rules that name the table's, and a
+  table kept replicated by rules for the batch only."""
+  mesh = jax.make_mesh((1,), ("model",))
+  rules = {"vocabulary": "model", "batch": "model"}
+  table = ne.shard(
+    ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32)), mesh, rules
+  )
+  assert table.rows_array().sharding.spec == jax.sharding.PartitionSpec(
+    "model", None
+  )
+  tokens = pz.nx.wrap(np.zeros((2, 3), np.int32)).tag("batch", "seq")
+  placed = ne.shard(tokens, mesh, rules)
+  assert placed.data_array.sharding.spec == jax.sharding.PartitionSpec(
+    "model", None
+  )
+  replicated = ne.shard(table, mesh, {"batch": "model", "seq": None})
+  assert replicated.rows_array().sharding.spec == jax.sharding.PartitionSpec(
+    None, None
+  )
+
+
+def test_axis_names_are_found_in_variables_adapters_and_unbound_tables():
+  mesh = jax.make_mesh((1,), ("model",))
+  base = ne.EmbeddingTable.from_pretrained(
+    np.ones((4, 2), np.float32), freeze=False, name="e"
+  )
+  lora = base.with_lora(1, name="e", init_base_rng=jax.random.key(0))
+  assert ne.sharding.axis_names(lora) == {"vocabulary", "embedding", "rank"}
+  with pytest.raises(ValueError, match=r"'ranks' looks like 'rank'"):
+    ne.shard(lora, mesh, {"vocabulary": "model", "ranks": None})
+  quantized = base.quantized("int8")
+  with pytest.raises(ValueError, match=r"'vocab' looks like 'vocabulary'"):
+    ne.shard(quantized, mesh, {"vocab": "model"})
+  unbound, _ = pz.unbind_params(pz.nn.Sequential([ne.EmbeddingLookup(base)]))
+  assert ne.sharding.axis_names(unbound) == {"vocabulary"}
+  with pytest.raises(ValueError, match=r"'vocab' looks like 'vocabulary'"):
+    ne.shard(unbound, mesh, {"vocab": "model"})
+
+
+def test_sharded_init_checks_rule_names_before_initialising():
+  mesh = jax.make_mesh((1,), ("model",))
+  with pytest.raises(ValueError, match=r"ne.sharded_init: `rules` name"):
+    ne.sharded_init(
+      ne.EmbeddingTable.from_config,
+      mesh,
+      {"vocab": "model"},
+      name="e",
+      init_base_rng=jax.random.key(0),
+      vocab_size=8,
+      embedding_axes={"embedding": 4},
+    )
+
+
 def test_padded_table_semantics_on_one_device():
   rows = np.arange(10.0, dtype=np.float32).reshape(5, 2)
   table = ne.EmbeddingTable.from_pretrained(rows).padded_to_multiple(4)

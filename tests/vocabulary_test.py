@@ -131,3 +131,52 @@ def test_vocabulary_changes_no_leaf_and_no_compilation():
   f(attached, ids)
   f(attached.with_vocabulary(ne.Vocabulary(list(TOKENS))), ids)  # equal vocab
   assert len(traces) == 1
+
+
+@pytest.mark.parametrize(
+  "text", ["a dog slept", b"a dog slept"], ids=["str", "bytes"]
+)
+def test_a_bare_string_is_a_type_error_suggesting_tokens(text):
+  vocab = ne.Vocabulary(["[UNK]", "a", "dog", "slept"], unk="[UNK]")
+  with pytest.raises(TypeError, match=r"encode takes a list of token") as info:
+    vocab.encode(text)
+  assert "text.split()" in str(info.value) and "tokenizer" in str(info.value)
+  assert vocab.encode("a dog slept".split()) == [1, 2, 3]
+  with pytest.raises(TypeError, match=r"takes a list of token strings"):
+    ne.Vocabulary(text)
+  with pytest.raises(TypeError, match=r"Vocabulary.load\(path\)"):
+    ne.Vocabulary("vocab.txt")
+
+
+def test_one_token_and_one_row_methods_check_their_types():
+  vocab = ne.Vocabulary(["[UNK]", "a", "b"], unk="[UNK]")
+  # A non-string used to map silently to the unk row.
+  with pytest.raises(TypeError, match=r"id takes one token string.*encode"):
+    vocab.id(["a"])
+  with pytest.raises(TypeError, match=r"id takes one token string"):
+    vocab.encode(["a", 2])
+  # int("2") used to read row 2, int(1.7) row 1.
+  for bad in ["2", 1.7, [1]]:
+    with pytest.raises(TypeError, match=r"token takes one integer row"):
+      vocab.token(bad)
+  assert vocab.token(np.int64(2)) == "b" and vocab.token(np.array(1)) == "a"
+
+
+@pytest.mark.parametrize(
+  "ids, pattern",
+  [
+    ("12", r"decode takes integer ids, got the str '12'"),
+    (b"\x01", r"decode takes integer ids, got the bytes"),
+    (np.array([1.0, 2.0]), r"dtype float64"),
+    ([True, False], r"dtype bool"),
+    (["a", "b"], r"dtype <U1"),
+  ],
+)
+def test_decode_takes_integer_ids_only(ids, pattern):
+  vocab = ne.Vocabulary(["[UNK]", "a", "b"], unk="[UNK]")
+  with pytest.raises(TypeError, match=pattern):
+    vocab.decode(ids)
+  assert vocab.decode([]) == [] and vocab.decode(np.array([[2, 1]])) == [
+    "b",
+    "a",
+  ]

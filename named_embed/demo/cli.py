@@ -137,6 +137,10 @@ def run(
       drawn only on a terminal or as a notebook widget (see
       `named_embed.demo.training.progress_bar`).
 
+  Raises:
+    ValueError: if the page cannot be written to ``output`` (checked
+      before training; see `output_problem`).
+
   Returns:
     A dict with ``"losses"`` (one per step), ``"evals"`` (``(step,
     train_loss, valid_loss)`` tuples), ``"sample"``, ``"output"`` (the
@@ -163,6 +167,11 @@ def run(
   >>> print(out.getvalue().splitlines()[0])  # doctest: +ELLIPSIS
   named_embed demo: a tied-embedding character model on ... of fables
   """
+  problem = output_problem(output)
+  if problem is not None:
+    raise ValueError(
+      f"Cannot write the page to `output`={output!r}: {problem}."
+    )
   start = time.perf_counter()
   stream = sys.stdout if stream is None else stream
   vocab, ids = _fables()
@@ -228,6 +237,34 @@ def _publish(
   for line in [*report, f"wrote {path}"]:
     print(line, file=stream, flush=True)
   return path
+
+
+def output_problem(path: str | os.PathLike[str]) -> str | None:
+  """Why the page cannot be written to ``path``, or None if it can.
+
+  Checked before training, so a bad ``--output`` fails at once instead of
+  after the run.
+
+  >>> output_problem("/nonexistent/x.html")
+  "its directory '/nonexistent' does not exist"
+  >>> output_problem("named_embed_demo.html") is None
+  True
+  """
+  path = os.fspath(path)
+  if not path:
+    return "the path is empty"
+  if os.path.isdir(path):
+    return f"{path!r} is a directory; give a file name, e.g. {os.path.join(path, DEFAULT_OUTPUT)!r}"
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.exists(directory):
+    return f"its directory {directory!r} does not exist"
+  if not os.path.isdir(directory):
+    return f"{directory!r} is not a directory"
+  if not os.access(directory, os.W_OK | os.X_OK):
+    return f"its directory {directory!r} is not writable"
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    return f"{path!r} exists and is not writable"
+  return None
 
 
 def _non_negative_int(text: str) -> int:
@@ -311,15 +348,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   Returns:
     The exit status, 0.
 
-  Example (invalid arguments exit with status 2, as argparse does):
+  Example (invalid arguments exit with status 2, as argparse does; an
+  ``--output`` that cannot be written is found before training):
 
   >>> main(["--steps", "-1"])
+  Traceback (most recent call last):
+  ...
+  SystemExit: 2
+  >>> main(["--output", "/nonexistent/x.html"])
   Traceback (most recent call last):
   ...
   SystemExit: 2
   """
   parser = build_parser()
   args = parser.parse_args(argv)
+  problem = output_problem(args.output)
+  if problem is not None:
+    parser.error(f"--output {args.output}: cannot write the page: {problem}")
   unknown = set(args.prompt) - set(load_text())
   if unknown:
     parser.error(f"--prompt: {sorted(unknown)} do not occur in the fables")

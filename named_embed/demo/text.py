@@ -51,7 +51,7 @@ def char_vocabulary(text: str) -> ne.Vocabulary:
   >>> vocab = char_vocabulary("abba cab")
   >>> vocab.tokens, len(vocab)
   ((' ', 'a', 'b', 'c'), 4)
-  >>> vocab.encode("cab")  # a string is a sequence of character tokens
+  >>> vocab.encode(list("cab"))  # its tokens are the characters
   [3, 1, 2]
   >>> "".join(vocab.decode([2, 1, 0, 3]))
   'ba c'
@@ -70,7 +70,7 @@ def encode(vocab: ne.Vocabulary, text: str) -> np.ndarray:
   >>> encode(char_vocabulary("ab"), "bab").tolist()
   [1, 0, 1]
   """
-  return np.asarray(vocab.encode(text), dtype=np.int32)
+  return np.asarray(vocab.encode(list(text)), dtype=np.int32)
 
 
 def decode(vocab: ne.Vocabulary, ids: Iterable[int] | np.ndarray) -> str:
