@@ -62,7 +62,7 @@ def _flatten_inputs(embedding_axes, prefix, targets, where):
   if isinstance(targets, pz.nx.NamedArrayBase):
     target_prefix = _named.as_prefix_layout(targets)
   else:
-    target_prefix = pz.nx.wrap(jnp.asarray(targets))
+    target_prefix = _named.wrap_ids(targets)  # host ids stay 64-bit
   if (
     dict(target_prefix.named_shape) != batch
     or target_prefix.positional_shape != prefix.positional_shape
