@@ -8,6 +8,8 @@ its merged rows make a frozen float table that is otherwise the base.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from penzai import pz
@@ -74,6 +76,12 @@ class AdaptedTable(AbstractTable):
   def dtype(self) -> np.dtype:
     """The dtype of the rows as read (the base's)."""
     return np.dtype(self.base.dtype)
+
+  def with_rows_sharding(self, rows_sharding):
+    """This table with ``rows_sharding`` recorded on its base."""
+    return dataclasses.replace(
+      self, base=self.base.with_rows_sharding(rows_sharding)
+    )
 
   def float_table(self, rows: jax.Array) -> EmbeddingTable:
     """A frozen float `EmbeddingTable` of ``rows`` that is otherwise the

@@ -22,6 +22,7 @@ kind a table is.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from penzai import pz
@@ -54,6 +55,12 @@ class AbstractTable:
     raise NotImplementedError(
       f"{type(self).__name__} must define row_parts() (the table contract)."
     )
+
+  def with_rows_sharding(self, rows_sharding) -> Any:
+    """This table with ``rows_sharding`` recorded (`named_embed.shard`
+    records where the rows went; kernels pin them, and their gradients,
+    there). The default replaces a ``rows_sharding`` field."""
+    return dataclasses.replace(self, rows_sharding=rows_sharding)
 
 
 def _what(value: Any) -> str:

@@ -15,6 +15,7 @@ chunks within each shard (`named_embed._vocab_parallel`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import math
@@ -22,12 +23,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from penzai import pz
 
-from named_embed import _table_arrays
+from named_embed import _table_arrays, _table_kind
 from named_embed._layout import mesh_axes
-from named_embed.quantized import QuantizedTable
 from named_embed.table import EmbeddingTable
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
@@ -49,7 +50,7 @@ def _check_rules(mesh: Mesh, rules: Rules) -> None:
 
 
 _VARIABLES = pz.Parameter | pz.StateVariable
-_TABLES = EmbeddingTable | QuantizedTable
+_TABLES = _table_kind.AbstractTable
 _NAMED_LEAVES = pz.nx.NamedArrayBase | _VARIABLES
 
 
@@ -193,33 +194,47 @@ def _shard_named(array, mesh: Mesh, rules: Rules):
   )
 
 
-def _shard_table(table: EmbeddingTable, mesh: Mesh, rules: Rules):
-  value = _table_arrays.value_or_none(table.embeddings)
-  if value is None:  # an unbound slot: nothing to place
-    return table
-  embeddings = _table_arrays.replace_value(
-    table.embeddings, _shard_named(value, mesh, rules)
+def _rows_sharding(table, mesh: Mesh, rules: Rules) -> NamedSharding:
+  """The `NamedSharding` of a table's ``[vocabulary, *embedding]`` rows
+  under ``rules`` (what `shard` records on the table)."""
+  axes = {table.vocabulary_axis: table.num_rows, **table.embedding_axes}
+  rows = pz.nx.NamedArray(
+    named_axes=collections.OrderedDict(axes),
+    data_array=jax.ShapeDtypeStruct(tuple(axes.values()), jnp.float32),
   )
-  order = (table.vocabulary_axis, *table.embedding_axes)
-  spec = partition_spec(value.order_as(*order), mesh, rules)
-  return dataclasses.replace(
-    table, embeddings=embeddings, rows_sharding=NamedSharding(mesh, spec)
-  )
+  return NamedSharding(mesh, partition_spec(rows, mesh, rules))
 
 
-def _shard_quantized(table: QuantizedTable, mesh: Mesh, rules: Rules):
-  """Codes and scales placed by their axis names (both lead with the
-  vocabulary axis, so a vocabulary rule splits them alike); the codes'
-  sharding is recorded as the table's ``rows_sharding``."""
-  codes = _shard_named(table.codes, mesh, rules)
-  order = (table.vocabulary_axis, *table.embedding_axes)
-  spec = partition_spec(table.codes.order_as(*order), mesh, rules)
-  return dataclasses.replace(
+def _shard_table(table, mesh: Mesh, rules: Rules):
+  """A table of any kind: every array it holds placed by its axis names
+  (rows, codes and scales, LoRA's ``A``: all lead with the vocabulary axis,
+  so a vocabulary rule splits them alike), and its rows' sharding recorded
+  (`AbstractTable.with_rows_sharding`)."""
+  placed = jax.tree.map(
+    lambda node: _shard_leaf(node, mesh, rules),
     table,
-    codes=codes,
-    scales=_shard_named(table.scales, mesh, rules),
-    rows_sharding=NamedSharding(mesh, spec),
+    is_leaf=lambda n: isinstance(n, _NAMED_LEAVES),
   )
+  if not _is_bound(table):  # unbound slots: no rows to record
+    return placed
+  return placed.with_rows_sharding(_rows_sharding(table, mesh, rules))
+
+
+def _is_bound(table) -> bool:
+  slots = jax.tree.leaves(
+    table, is_leaf=lambda n: isinstance(n, pz.ParameterSlot)
+  )
+  return not any(isinstance(leaf, pz.ParameterSlot) for leaf in slots)
+
+
+def _shard_leaf(node, mesh: Mesh, rules: Rules):
+  if isinstance(node, pz.nx.NamedArrayBase):
+    return _shard_named(node, mesh, rules)
+  if isinstance(node, _VARIABLES) and isinstance(
+    node.value, pz.nx.NamedArrayBase
+  ):
+    node.value = _shard_named(node.value, mesh, rules)
+  return node
 
 
 def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
@@ -229,10 +244,12 @@ def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   Outside `jax.jit` it moves data with `jax.device_put`; inside, it adds a
   sharding constraint (`jax.sharding.reshard` for Explicit mesh axes,
   `with_sharding_constraint` for Auto ones), so the same call pins
-  activations and gradients by name. Tables also record the sharding of
-  their rows (`EmbeddingTable.rows_sharding`; a `QuantizedTable` records
-  its codes', and its scales follow its rows; LoRA's ``A`` follows the
-  rows too, being ``{vocabulary, rank}``). `pz.Parameter` values are
+  activations and gradients by name. Tables of every kind have all their
+  arrays placed by axis name (rows, int8/int4 codes and scales, LoRA's
+  ``A``: all lead with the vocabulary axis, so a vocabulary rule splits
+  them alike; LoRA's ``B`` and trained rows stay replicated) and record
+  the sharding of their rows (`EmbeddingTable.rows_sharding`; an adapted
+  table records it on its base). `pz.Parameter` values are
   updated in place (they are penzai's mutable variables), which keeps tied
   parameters tied; everything else is returned new.
 
@@ -269,27 +286,12 @@ def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   check_rule_names(rules, axis_names(tree), "ne.shard")
 
   def visit(node):
-    if isinstance(node, EmbeddingTable):
+    if isinstance(node, _TABLES):
       return _shard_table(node, mesh, rules)
-    if isinstance(node, QuantizedTable):
-      return _shard_quantized(node, mesh, rules)
-    if isinstance(node, pz.nx.NamedArrayBase):
-      return _shard_named(node, mesh, rules)
-    if isinstance(node, pz.Parameter | pz.StateVariable):
-      if isinstance(node.value, pz.nx.NamedArrayBase):
-        node.value = _shard_named(node.value, mesh, rules)
-      return node
-    return node
+    return _shard_leaf(node, mesh, rules)
 
   def is_leaf(node):
-    return isinstance(
-      node,
-      EmbeddingTable
-      | QuantizedTable
-      | pz.nx.NamedArrayBase
-      | pz.Parameter
-      | pz.StateVariable,
-    )
+    return isinstance(node, _TABLES | _NAMED_LEAVES)
 
   return jax.tree.map(visit, tree, is_leaf=is_leaf)
 
