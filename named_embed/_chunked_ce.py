@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from named_embed import _norms
+from named_embed._row_chunks import over_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,32 +64,6 @@ class LossConfig:
   soft_cap: float | None = None
   label_smoothing: float = 0.0
   z_loss: float = 0.0
-
-
-def _runs(num_rows: int, chunk_size: int) -> list[tuple[int, int, int]]:
-  """``(first_row, chunk_rows, count)`` runs: full chunks, then a ragged one."""
-  full, rest = divmod(num_rows, chunk_size)
-  runs = []
-  if full:
-    runs.append((0, chunk_size, full))
-  if rest:
-    runs.append((full * chunk_size, rest, 1))
-  return runs
-
-
-def over_chunks(step, carry, num_rows: int, chunk_size: int):
-  """Folds ``step(carry, first_row, rows)`` over the chunks of the rows."""
-  for first, rows, count in _runs(num_rows, chunk_size):
-    if count == 1:
-      carry = step(carry, first, rows)
-    else:
-      carry = lax.fori_loop(
-        0,
-        count,
-        lambda i, c, rows=rows, first=first: step(c, first + i * rows, rows),
-        carry,
-      )
-  return carry
 
 
 def _chunk_logits(reader, start, rows, offset, config: LossConfig):

@@ -24,7 +24,31 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from named_embed import _chunked_ce
+
+def _runs(num_rows: int, chunk_size: int) -> list[tuple[int, int, int]]:
+  """``(first_row, chunk_rows, count)`` runs: full chunks, then a ragged one."""
+  full, rest = divmod(num_rows, chunk_size)
+  runs = []
+  if full:
+    runs.append((0, chunk_size, full))
+  if rest:
+    runs.append((full * chunk_size, rest, 1))
+  return runs
+
+
+def over_chunks(step, carry, num_rows: int, chunk_size: int):
+  """Folds ``step(carry, first_row, rows)`` over the chunks of the rows."""
+  for first, rows, count in _runs(num_rows, chunk_size):
+    if count == 1:
+      carry = step(carry, first, rows)
+    else:
+      carry = lax.fori_loop(
+        0,
+        count,
+        lambda i, c, rows=rows, first=first: step(c, first + i * rows, rows),
+        carry,
+      )
+  return carry
 
 
 def contract(hidden: jax.Array, rows: jax.Array) -> jax.Array:
@@ -160,7 +184,7 @@ def _logits_loop(hidden, arrays, source, chunk_size):
     return lax.dynamic_update_slice_in_dim(out, z, start, axis=1)
 
   out = jnp.zeros((n, reader.num_rows), hidden.dtype)
-  return _chunked_ce.over_chunks(step, out, reader.num_rows, chunk_size)
+  return over_chunks(step, out, reader.num_rows, chunk_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -185,7 +209,7 @@ def _chunked_logits_bwd(source, chunk_size, residuals, g):
     rows = reader.rows(start, size).astype(g.dtype)
     return d_hidden + g_chunk @ rows
 
-  d_hidden = _chunked_ce.over_chunks(
+  d_hidden = over_chunks(
     step, jnp.zeros(hidden.shape, g.dtype), reader.num_rows, chunk_size
   )
   return d_hidden.astype(hidden.dtype), None

@@ -37,7 +37,6 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from named_embed import (
-  _chunked_ce,
   _layout,
   _row_chunks,
   _static,
@@ -108,7 +107,7 @@ class RowSource(_static.Static):
       )
 
     out = jnp.zeros((flat.shape[0], width), jnp.float32)
-    out = _chunked_ce.over_chunks(
+    out = _row_chunks.over_chunks(
       step, out, self.num_rows, min(self.num_rows, ONE_HOT_CHUNK_ROWS)
     )
     return out.astype(self.dtype).reshape(*ids.shape, *self.row_shape)

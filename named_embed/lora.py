@@ -134,6 +134,7 @@ class LoraTable(pz.Struct, _adapted.AdaptedTable):
 
   def summary(self, statistics: bool = True) -> str:
     """The treescope summary line (see `named_embed.summarize`)."""
+    # Deferred: rendering (tools) builds on the table kinds.
     from named_embed import rendering
 
     a = _table_arrays.value_or_none(self.lora_a)
@@ -148,6 +149,7 @@ class LoraTable(pz.Struct, _adapted.AdaptedTable):
     return f"{head}, {state} adapters, over {rendering.summarize(self.base, statistics)}"
 
   def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
+    # Deferred: rendering (tools) builds on the table kinds.
     from named_embed import rendering
 
     return rendering.treescope_repr(self, path, subtree_renderer)

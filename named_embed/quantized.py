@@ -221,6 +221,7 @@ class QuantizedTable(pz.Struct, AbstractTable):
     init_base_rng: jax.Array,
   ) -> Any:
     """LoRA adapters over this quantised table (`named_embed.lora`)."""
+    # Deferred: the LoRA kind is built on this module.
     from named_embed import lora
 
     return lora.with_lora(
@@ -229,6 +230,7 @@ class QuantizedTable(pz.Struct, AbstractTable):
 
   def with_trainable_rows(self, tokens: list[str | int], *, name: str) -> Any:
     """Train ``tokens``' rows only (`named_embed.trainable_rows`)."""
+    # Deferred: the trainable-rows kind is built on this module.
     from named_embed import trainable_rows
 
     return trainable_rows.with_trainable_rows(self, tokens, name=name)
@@ -259,6 +261,7 @@ class QuantizedTable(pz.Struct, AbstractTable):
     )
 
   def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
+    # Deferred: rendering (tools) builds on the table kinds.
     from named_embed import rendering
 
     return rendering.treescope_repr(self, path, subtree_renderer)

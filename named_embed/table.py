@@ -551,6 +551,7 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     >>> bigger.vocabulary.encode(["<tool>"]), bigger.rows_array()[3].tolist()
     ([3], [2.0, 3.0])
     """
+    # Deferred: resizing (tools) builds on the table kinds.
     from named_embed import resizing
 
     return resizing.add_tokens(
@@ -577,6 +578,7 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     >>> table.resized(4).vocab_size, table.resized(9, "zeros").vocab_size
     (4, 9)
     """
+    # Deferred: resizing (tools) builds on the table kinds.
     from named_embed import resizing
 
     return resizing.resize(
@@ -650,6 +652,7 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     >>> q4.nbytes  # 4 x 32 bytes of codes + 4 x 2 float32 scales
     160
     """
+    # Deferred: the quantised kind is built on this module.
     from named_embed import quantized
 
     return quantized.quantize(self, scheme, group_size)
@@ -682,6 +685,7 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     >>> lora.rank, lora.scale, lora.lora_a.value.named_shape
     (2, 2.0, {'vocabulary': 6, 'rank': 2})
     """
+    # Deferred: the LoRA kind is built on this module.
     from named_embed import lora
 
     return lora.with_lora(
@@ -709,6 +713,7 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     >>> table.with_trainable_rows([5, 4], name="embed").row_ids
     (4, 5)
     """
+    # Deferred: the trainable-rows kind is built on this module.
     from named_embed import trainable_rows
 
     return trainable_rows.with_trainable_rows(self, tokens, name=name)
@@ -744,6 +749,7 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     >>> table.vocabulary.decode(ids.unwrap("neighbor"))
     ['dog']
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed import inspection
 
     return inspection.nearest(self, query, k, metric, exclude)
@@ -759,6 +765,7 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     >>> float(table.similarity(0, 1)), float(table.similarity(1, 1, "dot"))
     (0.0, 4.0)
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed import inspection
 
     return inspection.similarity(self, a, b, metric)
@@ -779,11 +786,13 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     >>> table.vocabulary.decode(ids.unwrap("neighbor"))
     ['queen']
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed import inspection
 
     return inspection.analogy(self, positive, negative, k)
 
   def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
+    # Deferred: rendering (tools) builds on the table kinds.
     from named_embed import rendering
 
     return rendering.treescope_repr(self, path, subtree_renderer)

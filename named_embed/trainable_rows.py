@@ -123,6 +123,7 @@ class TrainableRowsTable(pz.Struct, _adapted.AdaptedTable):
 
   def summary(self, statistics: bool = True) -> str:
     """The treescope summary line (see `named_embed.summarize`)."""
+    # Deferred: rendering (tools) builds on the table kinds.
     from named_embed import rendering
 
     shown = self.tokens or [f"id {i}" for i in self.row_ids]
@@ -136,6 +137,7 @@ class TrainableRowsTable(pz.Struct, _adapted.AdaptedTable):
     )
 
   def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
+    # Deferred: rendering (tools) builds on the table kinds.
     from named_embed import rendering
 
     return rendering.treescope_repr(self, path, subtree_renderer)
