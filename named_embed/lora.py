@@ -38,11 +38,14 @@ class LoraTable(pz.Struct, _adapted.AdaptedTable):
 
   ``A`` starts at zero and ``B`` at N(0, 1) (HF PEFT's choice for
   embeddings, the reverse of its linear layers): the delta is zero at
-  first, and a token's row moves only once that token has been trained
-  (a random ``A`` with a zero ``B``, keras's choice, would move every
-  row with the first update of ``B``). Adapters are float32 whatever the
-  base dtype; rows are computed in float32 and returned in the base's
-  dtype.
+  first. Used by a lookup only (untied), a token's row moves only once
+  that token has been looked up in training: the gradient of ``A``
+  reaches only the rows read (a random ``A`` with a zero ``B``, keras's
+  choice, would move every row with the first update of ``B``). Tied to
+  an `EmbeddingDecode`, every row moves after one step: the decode's
+  softmax gradient reaches every row of ``A``. Adapters are float32
+  whatever the base dtype; rows are computed in float32 and returned in
+  the base's dtype.
 
   `merged` folds the adapters into a plain float table.
 
@@ -324,10 +327,16 @@ def with_lora(
   """`EmbeddingTable.with_lora`: a frozen base plus LoRA adapters.
 
   Raises:
-    TypeError: for a table that is neither a float nor a quantised table,
-      or arguments of the wrong type.
-    ValueError: for ``rank < 1``, ``alpha <= 0``, an empty name, or a table
-      axis already called ``"rank"``.
+    TypeError: for a ``table`` that is neither an `EmbeddingTable` nor a
+      `QuantizedTable` (a `LoraTable` or `TrainableRowsTable`, with the
+      hint to merge it first; a raw array), a ``rank`` that is not an int
+      (a float or a bool), an ``alpha`` that is not a number, a ``name``
+      that is not a string, or an ``init_base_rng`` that is not a JAX
+      random key (JAX raises it for a JAX array that is not key data).
+    ValueError: for ``rank < 1``, an ``alpha`` that is NaN, infinite or not
+      positive, an empty ``name``, a table with an axis already named
+      ``"rank"`` (vocabulary or embedding axis), or an unbound trainable
+      table (a `pz.ParameterSlot`: bind its value first).
   """
   base = frozen_base(table, "with_lora")
   rank = check_positive_int("rank", rank)

@@ -344,11 +344,16 @@ def quantize(
   """The `QuantizedTable` of a float table: `EmbeddingTable.quantized`.
 
   Raises:
-    TypeError: if ``table`` is not a float `EmbeddingTable` (a quantised or
-      adapted table, or integer values), or for arguments of the wrong type.
-    ValueError: for an unknown ``scheme``, a ``group_size`` that does not
-      divide the last embedding axis, an odd last axis under int4, or NaN
-      or infinite values.
+    TypeError: if ``table`` is not an `EmbeddingTable` (a `QuantizedTable`;
+      a `LoraTable` or `TrainableRowsTable`, with the hint to merge it
+      first; a raw array), for a ``scheme`` that is not a string, or a
+      ``group_size`` that is not an int (a float or a bool).
+    ValueError: for a ``scheme`` other than ``"int8"`` and ``"int4"``,
+      ``group_size < 1``, a ``group_size`` that does not divide the last
+      embedding axis, an odd last embedding axis under ``"int4"``, NaN or
+      infinite values (naming their rows; checked on concrete values
+      only, not under `jax.jit`), or an unbound table (a
+      `pz.ParameterSlot`: bind its value first).
   """
   if not isinstance(table, EmbeddingTable):
     hint = ""

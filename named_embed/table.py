@@ -639,10 +639,14 @@ class EmbeddingTable(pz.Struct, AbstractTable):
         divide that axis), or None for one scale a row.
 
     Raises:
-      ValueError: for an unknown scheme, a group size that does not divide
-        the last embedding axis, an odd last axis under int4, or NaN or
-        infinite values.
-      TypeError: for arguments of the wrong type.
+      TypeError: for a ``scheme`` that is not a string, or a
+        ``group_size`` that is not an int (a float or a bool).
+      ValueError: for a ``scheme`` other than ``"int8"`` and ``"int4"``,
+        ``group_size < 1``, a ``group_size`` that does not divide the last
+        embedding axis, an odd last embedding axis under ``"int4"``, NaN or
+        infinite values (naming their rows; checked on concrete values
+        only, not under `jax.jit`), or an unbound table (a
+        `pz.ParameterSlot`: bind its value first).
 
     Example:
 
@@ -675,6 +679,16 @@ class EmbeddingTable(pz.Struct, AbstractTable):
       name: Label prefix: parameters ``f"{name}.lora_a"`` and
         ``f"{name}.lora_b"``.
       init_base_rng: Random key for ``B``.
+
+    Raises:
+      TypeError: for a ``rank`` that is not an int (a float or a bool), an
+        ``alpha`` that is not a number, a ``name`` that is not a string, or
+        an ``init_base_rng`` that is not a JAX random key (JAX raises it
+        for a JAX array that is not key data).
+      ValueError: for ``rank < 1``, an ``alpha`` that is NaN, infinite or
+        not positive, an empty ``name``, a table with an axis already
+        named ``"rank"`` (vocabulary or embedding axis), or an unbound
+        trainable table (a `pz.ParameterSlot`: bind its value first).
 
     Example:
 

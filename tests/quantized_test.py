@@ -284,6 +284,7 @@ def test_summary_and_show(tmp_path):
     (dict(scheme="int8", group_size=5), ValueError, "`group_size` 5"),
     (dict(scheme="int8", group_size=0), ValueError, "`group_size`"),
     (dict(scheme="int8", group_size=2.0), TypeError, "`group_size`"),
+    (dict(scheme="int8", group_size=True), TypeError, "`group_size`"),
   ],
 )
 def test_bad_arguments(kwargs, error, pattern):
@@ -305,6 +306,21 @@ def test_tables_that_cannot_be_quantized():
 
   with pytest.raises(TypeError, match="`table`"):
     quantized.quantize(q, "int4")
+  bad[4, 2], bad[6, 0] = 1.0, -np.inf
+  with pytest.raises(ValueError, match="rows 6"):
+    table(bad).quantized("int8")
+  key = jax.random.key(0)
+  for adapted in [
+    table().with_lora(2, name="e", init_base_rng=key),
+    table().with_trainable_rows([1], name="r"),
+  ]:
+    with pytest.raises(TypeError, match=r"table.merged\(\).quantized"):
+      quantized.quantize(adapted)
+  with pytest.raises(TypeError, match="got ndarray"):
+    quantized.quantize(W)
+  unbound, _ = pz.unbind_params(table(freeze=False, name="t"))
+  with pytest.raises(ValueError, match="unbound"):
+    unbound.quantized()
   ids = np.array([1, 0, 3])
   np.testing.assert_array_equal(  # one-hot reads the codes chunk by chunk
     raw(ne.lookup(q, ids, strategy="one_hot"), "embedding"),
