@@ -10,8 +10,16 @@ test compares: ``<scenario>.npz`` (arrays, from process 0) and
 The model functions (`build_table`, `forward`, `train`) also run in the
 test process on one device: they give the single-process reference.
 
-  python tests/multihost/worker.py --scenario init --process-id 0 \\
+  python tests/multihost/worker.py --scenario a --process-id 0 \\
       --processes 2 --devices 4 --port 12345 --workdir /tmp/run
+
+Without ``--process-id`` it launches the processes itself. The scenario
+``peak`` measures the peak host memory of ``ne.load(..., mesh=, rules=)``
+for a table of ``--table-mib`` MiB split over every device, and prints
+each process's figures (docs/sharding.md, "Across hosts")::
+
+  python tests/multihost/worker.py --scenario peak --processes 4 \\
+      --devices 2 --table-mib 512
 """
 
 from __future__ import annotations
@@ -386,7 +394,100 @@ def scenario_b(args, arrays, notes):
   arrays["hf_rows"] = gather(hf.rows_array())
 
 
-SCENARIOS = {"a": scenario_a, "b": scenario_b}
+def scenario_peak(args, arrays, notes):
+  """The peak host memory of a load with a mesh over every device, of the
+  table file ``--workdir/peak-<MiB>.safetensors`` (see `launch_peak`)."""
+  import jax
+  import numpy as np
+
+  import named_embed as ne
+
+  mesh = jax.make_mesh((jax.device_count(),), ("model",))
+  path = os.path.join(args.workdir, f"peak-{args.table_mib}.safetensors")
+  warm = os.path.join(args.workdir, f"warm-{args.process_id}.safetensors")
+  small = np.ones((jax.device_count(), 4), np.float32)  # compiles, caches
+  ne.save(ne.EmbeddingTable.from_pretrained(small), warm)
+  ne.load(warm, mesh=mesh, rules=ROW_RULES).rows_array().block_until_ready()
+  with PeakMemory() as load:
+    table = ne.load(path, mesh=mesh, rules=ROW_RULES)
+    table.rows_array().block_until_ready()
+  notes["load"] = vars_of(load)
+  notes["share"] = sum(
+    s.data.nbytes for s in table.rows_array().addressable_shards
+  )
+
+
+def launch_peak(args) -> None:
+  """Writes the table file if missing, runs `scenario_peak` in
+  ``--processes`` local processes, and prints their figures."""
+  import contextlib
+  import socket
+  import subprocess
+  import tempfile
+
+  import numpy as np
+
+  import named_embed as ne
+
+  workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="peak-"))
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / f"peak-{args.table_mib}.safetensors"
+  dim = 1024
+  rows = args.table_mib * (1 << 20) // (4 * dim)
+  if not path.exists():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((rows, dim), np.float32)
+    ne.save(ne.EmbeddingTable.from_pretrained(table), path)
+    del table
+  with contextlib.closing(socket.socket()) as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MALLOC_MMAP_THRESHOLD_="65536")
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        __file__,
+        "--scenario",
+        "peak",
+        "--process-id",
+        str(p),
+        "--processes",
+        str(args.processes),
+        "--devices",
+        str(args.devices),
+        "--port",
+        str(port),
+        "--workdir",
+        str(workdir),
+        "--table-mib",
+        str(args.table_mib),
+      ],  # fmt: skip
+      env=env,
+    )
+    for p in range(args.processes)
+  ]
+  codes = [proc.wait() for proc in procs]
+  if codes != [0] * len(codes):
+    sys.exit(f"processes exited with {codes}")
+  MiB = 1 << 20
+  print(
+    f"ne.load of a {args.table_mib} MiB float32 table ({rows} x {dim}),"
+    f" {args.processes} processes x {args.devices} CPU devices, the"
+    " vocabulary over all devices; growth over the resident memory before"
+    " the load, in MiB:"
+  )
+  print("process  share  peak (VmHWM)  peak RssAnon (sampled)  retained")
+  for p in range(args.processes):
+    notes = json.loads((workdir / f"peak-{p}.json").read_text())
+    load = notes["load"]
+    print(
+      f"{p:7d}  {notes['share'] / MiB:5.0f}  {load['resident_at_peak'] / MiB:12.1f}"
+      f"  {load['grew_at_peak'] / MiB:22.1f}  {load['grew'] / MiB:8.1f}"
+    )
+
+
+SCENARIOS = {"a": scenario_a, "b": scenario_b, "peak": scenario_peak}
 
 
 # ------------------------------------------------------------ main
@@ -433,14 +534,20 @@ def wait_for_coordinator(host, port, timeout, args) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--scenario", choices=("a", "b", "join"), required=True)
-  parser.add_argument("--process-id", type=int, required=True)
+  parser.add_argument("--scenario", choices=(*SCENARIOS, "join"), required=True)
+  parser.add_argument("--process-id", type=int)
   parser.add_argument("--processes", type=int, required=True)
   parser.add_argument("--devices", type=int, required=True)
-  parser.add_argument("--port", type=int, required=True)
-  parser.add_argument("--workdir", type=pathlib.Path, required=True)
+  parser.add_argument("--port", type=int)
+  parser.add_argument("--workdir", type=pathlib.Path)
   parser.add_argument("--init-timeout", type=int, default=60)
+  parser.add_argument("--table-mib", type=int, default=512)
   args = parser.parse_args()
+  if args.process_id is None:
+    if args.scenario != "peak":
+      parser.error("without --process-id, only --scenario peak runs")
+    launch_peak(args)
+    return
   started = time.perf_counter()
   initialize(args)
   import numpy as np
