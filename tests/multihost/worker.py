@@ -392,6 +392,15 @@ def scenario_b(args, arrays, notes):
   notes["hf_spec"] = str(hf.rows_array().sharding.spec)
   notes["hf_padding_index"] = hf.padding_index
   arrays["hf_rows"] = gather(hf.rows_array())
+  # the big table over all 8 devices: a quarter of it on each process
+  rows8 = jax.make_mesh((8,), ("model",))
+  with PeakMemory() as from_file:
+    table = ne.load(
+      os.path.join(args.workdir, "big.safetensors"), mesh=rows8, rules=ROW_RULES
+    )
+    table.rows_array().block_until_ready()
+  notes["file_load"] = vars_of(from_file)
+  del table
 
 
 def scenario_peak(args, arrays, notes):
