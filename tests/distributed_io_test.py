@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 import named_embed as ne
 from named_embed import _processes
 from named_embed.formats import distributed_io
+from named_embed.formats._file_metadata import Tensor
 
 INDEX = "model.safetensors.index.json"
 ROWS = (np.arange(8 * 4, dtype=np.float32).reshape(8, 4) / 3).astype(
@@ -156,9 +157,14 @@ def test_a_mesh_that_does_not_divide_the_rows_is_named(tmp_path):
   mesh = jax.make_mesh((1,), ("model",))
   fake = jax.sharding.AbstractMesh((4,), ("model",))
   with pytest.raises(ValueError, match=r"of shape \{'vocabulary': 5, 'emb"):
-    distributed_io._placement(
-      ne.formats.stored_tensors.open_tensor(path, "embeddings"),
-      lambda stored, rows: ne.EmbeddingTable.from_pretrained(rows),
+    distributed_io._placements(
+      ne.formats.stored_tensors.open_tensors(path, ["embeddings"]),
+      lambda stored, arrays: ne.EmbeddingTable.from_pretrained(
+        arrays["embeddings"]
+      ),
+      lambda table: {
+        "embeddings": Tensor(("vocabulary", "embedding"), table.rows_array())
+      },
       fake,
       {"vocabulary": "model"},
     )

@@ -144,6 +144,61 @@ def train(table, mesh, steps):
   return losses, pz.bind_variables(model_def, values)
 
 
+def compressed_tables():
+  """Quantised and adapted tables, with and without alignment rows, whose
+  every array holds distinct values (LoRA's A starts at zero otherwise).
+  The test writes them to files on one process; the scenarios load them
+  across processes, save them, and reload each other's saves."""
+  import jax
+  import ml_dtypes
+  import numpy as np
+  from penzai import pz
+
+  import named_embed as ne
+
+  rng = np.random.default_rng(5)
+  rows = rng.standard_normal((64, EMBED)).astype(np.float32)
+  vocab = ne.Vocabulary([f"t{i}" for i in range(VOCAB)], pad="t0")
+  padded = (  # 61 tokens and 3 alignment rows
+    ne.EmbeddingTable.from_pretrained(rows[:VOCAB])
+    .with_vocabulary(vocab)
+    .padded_to_multiple(PAD_MULTIPLE)
+  )
+  bf16 = ne.EmbeddingTable.from_pretrained(  # 64 tokens, no alignment rows
+    rows.astype(ml_dtypes.bfloat16), padding_index=0
+  )
+
+  def filled(table):
+    for param in pz.unbind_params(table)[1]:
+      value = param.value
+      shape = tuple(value.named_shape.values())
+      data = rng.standard_normal(shape).astype(value.dtype)
+      param.value = pz.nx.wrap(data, *value.named_shape)
+    return table
+
+  key = jax.random.key(3)
+  return {
+    "int8": padded.quantized("int8"),
+    "int4_g4": padded.quantized("int4", group_size=4),
+    "int4": bf16.quantized("int4"),
+    "lora_bf16": filled(bf16.with_lora(4, name="l", init_base_rng=key)),
+    "lora_int8": filled(
+      padded.quantized("int8").with_lora(
+        2, alpha=3.0, name="l", init_base_rng=key
+      )
+    ),
+    "rows": filled(padded.with_trainable_rows(["t3", "t40"], name="r")),
+  }
+
+
+def leaves(table):
+  """The arrays of a table, in a fixed order (parameters' values too)."""
+  import jax
+  from penzai import pz
+
+  return jax.tree.leaves(pz.freeze_params(table))
+
+
 # ------------------------------------------------------------ utilities
 
 
@@ -283,6 +338,9 @@ def scenario_a(args, arrays, notes):
   notes["reloaded_label"] = again.embeddings.label
   arrays["reloaded_model8"] = gather(again.rows_array())
   memory(args, notes, rows8)
+  compressed(
+    args, arrays, notes, "a", rows8, ROW_RULES, "compressed/{}.safetensors"
+  )
   failures(args, notes, rows8, trained)
 
 
@@ -313,6 +371,26 @@ def memory(args, notes, mesh):
     table.rows_array().block_until_ready()
   notes["whole_load"] = vars_of(whole)
   del table
+
+
+def compressed(args, arrays, notes, scenario, mesh, rules, source) -> None:
+  """Loads each compressed or adapted table from ``source`` on ``mesh``,
+  notes the regions each process read and the arrays' shardings, and saves
+  it to the directory ``<scenario>_<kind>``, every process its own blocks
+  (the test reads the saves back on one process)."""
+  import named_embed as ne
+
+  started = time.perf_counter()
+  for kind in compressed_tables():
+    path = os.path.join(args.workdir, source.format(kind))
+    with FilesRead() as read:
+      table = ne.load(path, mesh=mesh, rules=rules)
+    notes[f"{kind}_read"] = read.lines
+    notes[f"{kind}_type"] = type(table).__name__
+    notes[f"{kind}_dtypes"] = [str(leaf.dtype) for leaf in leaves(table)]
+    notes[f"{kind}_specs"] = [str(leaf.sharding.spec) for leaf in leaves(table)]
+    ne.save(table, os.path.join(args.workdir, f"{scenario}_{kind}"))
+  notes["compressed_seconds"] = time.perf_counter() - started
 
 
 def vars_of(measure: PeakMemory) -> dict:
@@ -392,6 +470,7 @@ def scenario_b(args, arrays, notes):
   notes["hf_spec"] = str(hf.rows_array().sharding.spec)
   notes["hf_padding_index"] = hf.padding_index
   arrays["hf_rows"] = gather(hf.rows_array())
+  compressed(args, arrays, notes, "b", mesh, RULES, "a_{}")
   # the big table over all 8 devices: a quarter of it on each process
   rows8 = jax.make_mesh((8,), ("model",))
   with PeakMemory() as from_file:
