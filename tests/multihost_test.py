@@ -314,6 +314,8 @@ def test_loading_with_a_mesh_holds_the_process_share_only(runs):
     assert saved["resident_at_peak"] < share / 4, (process, saved)
     # the control: without a mesh, each process reads the whole table
     assert note["whole_load"]["grew"] > 0.9 * table, note["whole_load"]
+    # ... once: read into one buffer that the CPU device adopts
+    assert note["whole_load"]["resident_at_peak"] < table + 4 * MiB, note
     assert note["file_load_files"] == ["big.safetensors"]
     # the directory holds one file per process: each reads its own only
     assert note["big_out_files"] == [

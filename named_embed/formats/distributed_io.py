@@ -155,9 +155,8 @@ def load(
         "`rules` places the table on a mesh: pass `mesh=` too, or neither."
       )
     stored = open_stored()
-    table = build(
-      stored, {key: tensor.read() for key, tensor in stored.items()}
-    )
+    arrays = {key: _on_device(tensor.read()) for key, tensor in stored.items()}
+    table = build(stored, arrays)
     gc.collect(0)  # frees host copies of transfers now (see `placed_rows`)
     return table
   if not isinstance(mesh, Mesh):
@@ -439,6 +438,16 @@ def _remove(path: str) -> None:
     os.remove(path)
   except FileNotFoundError:
     pass
+
+
+def _on_device(array: np.ndarray) -> Any:
+  """``array`` on the default device: adopted without a copy on a CPU
+  device (it is aligned; `jnp.asarray` would copy it). A dtype JAX would
+  convert (float64 without x64) stays numpy, for the builder to refuse or
+  convert as it does any input."""
+  if jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype:
+    return array
+  return jax.device_put(array)
 
 
 def _placements(

@@ -503,6 +503,11 @@ def scenario_peak(args, arrays, notes):
   notes["share"] = sum(
     s.data.nbytes for s in table.rows_array().addressable_shards
   )
+  del table
+  with PeakMemory() as whole:  # for contrast: every process the whole table
+    table = ne.load(path)
+    table.rows_array().block_until_ready()
+  notes["whole_load"] = vars_of(whole)
 
 
 def launch_peak(args) -> None:
@@ -565,13 +570,17 @@ def launch_peak(args) -> None:
     " vocabulary over all devices; growth over the resident memory before"
     " the load, in MiB:"
   )
-  print("process  share  peak (VmHWM)  peak RssAnon (sampled)  retained")
+  print(
+    "process  share  peak (VmHWM)  peak RssAnon (sampled)  retained"
+    "  | without a mesh: peak  retained"
+  )
   for p in range(args.processes):
     notes = json.loads((workdir / f"peak-{p}.json").read_text())
-    load = notes["load"]
+    load, whole = notes["load"], notes["whole_load"]
     print(
       f"{p:7d}  {notes['share'] / MiB:5.0f}  {load['resident_at_peak'] / MiB:12.1f}"
       f"  {load['grew_at_peak'] / MiB:22.1f}  {load['grew'] / MiB:8.1f}"
+      f"  | {whole['resident_at_peak'] / MiB:20.1f}  {whole['grew'] / MiB:8.1f}"
     )
 
 
