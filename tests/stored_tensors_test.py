@@ -190,6 +190,8 @@ def test_every_safetensors_dtype_of_a_table_is_read(tmp_path):
       ("b", np.bool_),
     ]
   }
+  tensors["scalar"] = np.array(2.5, np.float32)
+  tensors["vector"] = np.arange(5, dtype=np.int16)
   save_file(tensors, tmp_path / "all.safetensors")
   for name, array in tensors.items():
     stored = open_tensor(tmp_path / "all.safetensors", name)

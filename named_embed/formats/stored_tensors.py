@@ -199,7 +199,8 @@ class StoredTensor:
         continue
       low, high = overlap
       target = tuple(slice(a - s, b - s) for a, b, s in zip(low, high, start))
-      self._read_block(block, low, high, out[target])
+      # a view of ``out`` (``out[()]`` of a 0-d array would be a copy)
+      self._read_block(block, low, high, out[target] if target else out)
     return out
 
   def _read_block(self, block: Block, low, high, out: np.ndarray) -> None:
