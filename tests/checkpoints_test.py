@@ -13,7 +13,7 @@ import safetensors
 from safetensors.numpy import load_file, save_file
 
 import named_embed as ne
-from named_embed.formats import checkpoints
+from named_embed.formats import checkpoints, stored_tensors
 
 KEY = "model.embed_tokens.weight"
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
@@ -67,19 +67,22 @@ def test_sharded_checkpoint_reads_one_tensor_of_one_file(tmp_path, monkeypatch):
     def __exit__(self, *exc):
       return self.file.__exit__(*exc)
 
-    def get_tensor(self, key):
-      read.append(key)
-      return self.inner.get_tensor(key)
-
     def __getattr__(self, name):
       return getattr(self.inner, name)
 
+  read_region = stored_tensors._File.read_region
+
+  def reading(file, name, local, out):
+    read.append((file.path, name))
+    return read_region(file, name, local, out)
+
   monkeypatch.setattr(safetensors, "safe_open", Recording)
+  monkeypatch.setattr(stored_tensors._File, "read_region", reading)
   for path in (tmp_path, index):
     table = ne.from_safetensors(path, key=KEY, vocabulary=vocabulary())
     assert np.asarray(table.rows_array()).tobytes() == vectors().tobytes()
     assert (table.padding_index, table.frozen) == (0, True)
-  assert opened == [second, second] and read == [KEY, KEY]
+  assert opened == [second, second] and read == [(second, KEY)] * 2
 
 
 def test_missing_key_names_the_files_looked_in(tmp_path):

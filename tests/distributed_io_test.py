@@ -11,12 +11,14 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from penzai import pz
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import named_embed as ne
 from named_embed import _processes
 from named_embed.formats import distributed_io
+from named_embed.formats._file_metadata import Tensor
 
 INDEX = "model.safetensors.index.json"
 ROWS = (np.arange(8 * 4, dtype=np.float32).reshape(8, 4) / 3).astype(
@@ -156,9 +158,14 @@ def test_a_mesh_that_does_not_divide_the_rows_is_named(tmp_path):
   mesh = jax.make_mesh((1,), ("model",))
   fake = jax.sharding.AbstractMesh((4,), ("model",))
   with pytest.raises(ValueError, match=r"of shape \{'vocabulary': 5, 'emb"):
-    distributed_io._placement(
-      ne.formats.stored_tensors.open_tensor(path, "embeddings"),
-      lambda stored, rows: ne.EmbeddingTable.from_pretrained(rows),
+    distributed_io._placements(
+      ne.formats.stored_tensors.open_tensors(path, ["embeddings"]),
+      lambda stored, arrays: ne.EmbeddingTable.from_pretrained(
+        arrays["embeddings"]
+      ),
+      lambda table: {
+        "embeddings": Tensor(("vocabulary", "embedding"), table.rows_array())
+      },
       fake,
       {"vocabulary": "model"},
     )
@@ -175,3 +182,116 @@ def test_one_process_agrees_with_itself(monkeypatch):
   monkeypatch.setenv(_processes.TIMEOUT_VARIABLE, "soon")
   with pytest.raises(ValueError, match=r"positive number of seconds"):
     _processes.timeout_seconds()
+
+
+# ------------------------------------------------- compressed and adapted
+
+
+def compressed_tables():
+  """Every kind, over float32 and bfloat16 rows, with alignment rows (7
+  tokens in 8 rows) and without; adapters hold distinct values."""
+  rng = np.random.default_rng(3)
+  rows = rng.normal(size=(8, 4)).astype(np.float32)
+  vocab = ne.Vocabulary([f"w{i}" for i in range(7)], pad="w0")
+  aligned = (
+    ne.EmbeddingTable.from_pretrained(rows[:7])
+    .with_vocabulary(vocab)
+    .padded_to_multiple(4)
+  )
+  bf16 = ne.EmbeddingTable.from_pretrained(
+    rows.astype(ml_dtypes.bfloat16), padding_index=2
+  )
+
+  def filled(table):
+    for param in pz.unbind_params(table)[1]:
+      value = param.value
+      data = rng.normal(size=tuple(value.named_shape.values()))
+      param.value = pz.nx.wrap(data.astype(value.dtype), *value.named_shape)
+    return table
+
+  key = jax.random.key(0)
+  tables = {}
+  for name, base in (("aligned", aligned), ("bf16", bf16)):
+    tables[f"int8_{name}"] = base.quantized("int8")
+    tables[f"int4_{name}"] = base.quantized("int4")
+    tables[f"int4_g2_{name}"] = base.quantized("int4", group_size=2)
+    tables[f"lora_{name}"] = filled(
+      base.with_lora(2, alpha=3.0, name="l", init_base_rng=key)
+    )
+    tables[f"lora_int8_{name}"] = filled(
+      base.quantized("int8").with_lora(2, name="l", init_base_rng=key)
+    )
+    tables[f"rows_{name}"] = filled(base.with_trainable_rows([1, 5], name="r"))
+  return tables
+
+
+TABLES = compressed_tables()
+
+
+def leaves(table):
+  return [np.asarray(x) for x in jax.tree.leaves(pz.freeze_params(table))]
+
+
+def assert_same_table(got, want):
+  assert type(got) is type(want)
+  for x, y in zip(leaves(got), leaves(want), strict=True):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes()
+  for field in ("vocabulary", "padding_index", "true_vocab_size", "num_rows"):
+    assert getattr(got, field) == getattr(want, field), field
+  labels = [p.label for p in pz.unbind_params(got)[1]]
+  assert labels == [p.label for p in pz.unbind_params(want)[1]]
+  for field in ("scheme", "group_size", "alpha", "row_ids"):
+    owner = want if hasattr(want, field) else getattr(want, "base", None)
+    if hasattr(owner, field):
+      other = got if owner is want else got.base
+      assert getattr(other, field) == getattr(owner, field), field
+
+
+@pytest.mark.parametrize("name", list(TABLES))
+def test_compressed_tables_round_trip_files_and_directories(tmp_path, name):
+  want = TABLES[name]
+  mesh = jax.make_mesh((1, 1), ("data", "model"))
+  rules = {"vocabulary": "model", "batch": "data"}
+  for path in (tmp_path / "t.safetensors", tmp_path / "out"):
+    ne.save(want, path)
+    assert_same_table(ne.load(path), want)
+    placed = ne.load(path, mesh=mesh, rules=rules)
+    assert_same_table(placed, want)
+    expected = jax.tree.leaves(pz.freeze_params(ne.shard(want, mesh, rules)))
+    for got, like in zip(jax.tree.leaves(pz.freeze_params(placed)), expected):
+      assert got.sharding == like.sharding
+    assert placed.rows_sharding == ne.shard(want, mesh, rules).rows_sharding
+    if not want.frozen:
+      assert ne.load(path, freeze=True).frozen
+  spec = json.loads((tmp_path / "out" / INDEX).read_text())
+  assert spec["metadata"]["table"] == {"i": "quantized", "l": "lora"}.get(
+    name[0], "trainable_rows"
+  )
+  for key in spec["weight_map"]:  # one device: every tensor whole
+    assert "[" not in key
+
+
+def test_the_write_plan_covers_every_tensor():
+  plan = distributed_io.write_plan(
+    {
+      "codes": jax.numpy.ones((8, 4), np.int8),
+      "scales": jax.numpy.ones(8, np.float32),
+    }
+  )
+  file = "model-00001-of-00001.safetensors"
+  assert plan.weight_map == {"codes": file, "scales": file}
+  assert plan.tensors == {"codes": "codes", "scales": "scales"}
+  assert plan.regions["codes"] == ((0, 0), (8, 4))
+  assert plan.total_size == 8 * 4 + 8 * 4
+  assert plan.files_of(0) == {file: ["codes", "scales"]}
+
+
+def test_unbound_adapters_are_not_saved(tmp_path):
+  lora = TABLES["lora_aligned"]
+  unbound, _ = pz.unbind_params(lora)
+  with pytest.raises(ValueError, match=r"unbound"):
+    ne.save(unbound, tmp_path / "t.safetensors")
+  with pytest.raises(ValueError, match=r"unbound"):
+    ne.save(unbound, tmp_path / "out")
+  assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import safetensors
 from conftest import raw
 from safetensors.numpy import save_file
 
 import named_embed as ne
 from named_embed import formats
+from named_embed.formats import stored_tensors
 
 W = np.arange(12, dtype=np.float32).reshape(4, 3)
 
@@ -94,30 +94,19 @@ def test_reads_one_tensor_of_a_checkpoint_with_its_vocab_txt(bert):
 
 def test_reads_only_the_requested_tensor(bert, monkeypatch):
   path, vocab, _ = bert
-  opened = safetensors.safe_open
+  read_region = stored_tensors._File.read_region
   requested = []
 
-  class Spy:
-    def __init__(self, *args, **kwargs):
-      self.handle = opened(*args, **kwargs)
+  def spy(self, name, local, out):
+    requested.append((name, [tuple(bounds) for bounds in local]))
+    return read_region(self, name, local, out)
 
-    def __enter__(self):
-      self.inner = self.handle.__enter__()
-      return self
-
-    def __exit__(self, *exc):
-      return self.handle.__exit__(*exc)
-
-    def __getattr__(self, name):
-      return getattr(self.inner, name)
-
-    def get_tensor(self, key):
-      requested.append(key)
-      return self.inner.get_tensor(key)
-
-  monkeypatch.setattr(safetensors, "safe_open", Spy)
+  monkeypatch.setattr(stored_tensors._File, "read_region", spy)
   formats.from_safetensors(path, key="embeddings.word_embeddings.weight")
-  assert requested == ["embeddings.word_embeddings.weight"]
+  V = len(BERT_TOKENS)
+  assert requested == [
+    ("embeddings.word_embeddings.weight", [(0, V), (0, HIDDEN)])
+  ]
 
 
 def test_vocabulary_object_tokenizer_json_and_options(bert, tmp_path):

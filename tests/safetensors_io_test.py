@@ -217,8 +217,11 @@ def test_save_into_a_missing_directory_says_so(tmp_path):
 
 
 def test_save_refuses_other_objects(tmp_path):
-  with pytest.raises(TypeError, match="writes an EmbeddingTable; got ndarray"):
-    formats.save(W, tmp_path / "t.safetensors")
+  for path in (tmp_path / "t.safetensors", tmp_path / "out"):
+    with pytest.raises(
+      TypeError, match=r"writes an EmbeddingTable, .*got ndarray"
+    ):
+      formats.save(W, path)
 
 
 # ----------------------------------------------------------- corrupt files
@@ -300,3 +303,251 @@ def test_axis_names_must_match_the_tensor(tmp_path):
   path = with_metadata(tmp_path, embedding_axes='["a", "b"]')
   with pytest.raises(ValueError, match="table.safetensors: `embedding_axes`"):
     formats.load(path)
+
+
+# ------------------------------------------- files of earlier versions
+#
+# The tensors and metadata below are those that named_embed wrote before
+# every kind of table was saved through one layout (commit 49085a1), spelled
+# out: files written then must load now, as the same table.
+
+VOCAB_JSON = json.dumps(
+  {"tokens": [f"t{i}" for i in range(7)], "roles": {"pad": "t0"}}
+)
+COMMON = {  # 7 tokens and 1 alignment row, pad token t0
+  "named_embed": "1",
+  "vocabulary_axis": "vocabulary",
+  "embedding_axes": '["embedding"]',
+  "padding_index": "0",
+  "true_vocab_size": "7",
+  "kind": "array",
+  "vocabulary": VOCAB_JSON,
+}
+NO_VOCABULARY = {  # 8 rows, pad row 1, no vocabulary
+  **{k: v for k, v in COMMON.items() if k != "vocabulary"},
+  "padding_index": "1",
+  "true_vocab_size": "null",
+}
+INT8 = {
+  "base": "quantized",
+  "dtype": "float32",
+  "embedding_sizes": "[4]",
+  "group_size": "null",
+  "scheme": "int8",
+}
+INT4_G2 = {**INT8, "group_size": "2", "scheme": "int4"}
+ADAPTERS = {
+  "lora_a_kind": "parameter",
+  "lora_a_label": "e.lora_a",
+  "lora_b_kind": "parameter",
+  "lora_b_label": "e.lora_b",
+}
+
+
+def earlier_files():
+  """``{name: (tensors, metadata)}`` of one file of each kind."""
+  rng = np.random.default_rng(7)
+  rows = rng.normal(size=(8, 4)).astype(np.float32)
+  codes = rng.integers(-127, 128, size=(8, 4)).astype(np.int8)
+  scales = rng.uniform(0.01, 0.1, size=8).astype(np.float32)
+  nibbles = rng.integers(0, 256, size=(8, 2)).astype(np.uint8)
+  group_scales = rng.uniform(0.01, 0.1, size=(8, 2)).astype(np.float32)
+  a = rng.normal(size=(8, 2)).astype(np.float32)
+  b = rng.normal(size=(2, 4)).astype(np.float32)
+  trained = rng.normal(size=(2, 4)).astype(np.float32)
+  plain = {
+    **COMMON,
+    "kind": "parameter",
+    "label": "tok.embeddings",
+  }
+  return {
+    "plain": ({"embeddings": rows}, plain),
+    "int8": (
+      {"codes": codes, "scales": scales},
+      {**COMMON, **INT8, "table": "quantized"},
+    ),
+    "int4_g2": (
+      {"codes": nibbles, "scales": group_scales},
+      {**COMMON, **INT4_G2, "table": "quantized"},
+    ),
+    "lora_bf16": (
+      {
+        "embeddings": rows.astype(ml_dtypes.bfloat16),
+        "lora_a": a,
+        "lora_b": b,
+      },
+      {
+        **NO_VOCABULARY,
+        **ADAPTERS,
+        "alpha": "2.0",
+        "base": "embedding",
+        "table": "lora",
+      },
+    ),
+    "lora_int8": (
+      {"codes": codes, "scales": scales, "lora_a": a, "lora_b": b},
+      {**COMMON, **INT8, **ADAPTERS, "alpha": "4.0", "table": "lora"},
+    ),
+    "rows": (
+      {"embeddings": rows, "trainable_rows": trained},
+      {
+        **COMMON,
+        "base": "embedding",
+        "row_ids": "[3, 5]",
+        "rows_kind": "parameter",
+        "rows_label": "e.trainable_rows",
+        "table": "trainable_rows",
+      },
+    ),
+  }
+
+
+def base_rows(tensors) -> np.ndarray:
+  """The float rows of a file's base, by the quantisation formulas."""
+  if "embeddings" in tensors:
+    return tensors["embeddings"].astype(np.float32)
+  codes, scales = tensors["codes"], tensors["scales"]
+  if codes.dtype == np.int8:
+    return codes * scales[:, None]
+  low = (codes & 0xF).astype(np.int8)  # byte j: values j and j + D/2
+  high = (codes >> 4).astype(np.int8)
+  values = np.concatenate([low, high], axis=1)
+  values = np.where(values > 7, values - 16, values).astype(np.float32)
+  return values * np.repeat(scales, 2, axis=1)
+
+
+@pytest.mark.parametrize("name", list(earlier_files()))
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_files_of_earlier_versions_load_as_the_same_table(
+  tmp_path, name, layout
+):
+  tensors, metadata = earlier_files()[name]
+  if layout == "file":
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, path, metadata=metadata)
+  else:  # a directory of one file, as a save on one device wrote it
+    path = tmp_path / name
+    path.mkdir()
+    token = {"named_embed_save": "0123456789abcdef"}
+    file = "model-00001-of-00001.safetensors"
+    save_file(tensors, path / file, metadata={"format": "pt", **token})
+    index = {
+      "metadata": {"total_size": 0, **metadata, **token},
+      "weight_map": {key: file for key in tensors},
+    }
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+  table = formats.load(path)
+  kinds = {
+    "plain": ne.EmbeddingTable,
+    "int8": ne.QuantizedTable,
+    "int4_g2": ne.QuantizedTable,
+    "lora_bf16": ne.LoraTable,
+    "lora_int8": ne.LoraTable,
+    "rows": ne.TrainableRowsTable,
+  }
+  assert type(table) is kinds[name]
+  stored = dict(tensors)
+  if name in ("int8", "int4_g2", "lora_int8"):
+    quantized = table if name != "lora_int8" else table.base
+    assert quantized.scheme == metadata["scheme"]
+    assert quantized.group_size == json.loads(metadata["group_size"])
+    got = {"codes": quantized.codes, "scales": quantized.scales}
+  else:
+    base = table if name == "plain" else table.base
+    got = {"embeddings": base.value}
+  if name.startswith("lora"):
+    assert table.alpha == float(metadata["alpha"])
+    got["lora_a"], got["lora_b"] = table.lora_a.value, table.lora_b.value
+  if name == "rows":
+    assert table.row_ids == (3, 5)
+    got["trainable_rows"] = table.rows.value
+  for key, array in stored.items():
+    value = np.asarray(got[key].data_array)
+    assert value.dtype == array.dtype and value.tobytes() == array.tobytes()
+  if name == "lora_bf16":
+    assert (table.padding_index, table.vocabulary, table.num_rows) == (
+      1,
+      None,
+      8,
+    )
+  else:
+    assert (table.padding_index, table.vocab_size, table.num_rows) == (0, 7, 8)
+    assert table.vocabulary.tokens == tuple(f"t{i}" for i in range(7))
+  labels = [p.label for p in pz.unbind_params(table)[1]]
+  assert labels == {
+    "plain": ["tok.embeddings"],
+    "lora_bf16": ["e.lora_a", "e.lora_b"],
+    "lora_int8": ["e.lora_a", "e.lora_b"],
+    "rows": ["e.trainable_rows"],
+  }.get(name, [])
+  # the rows it reads, against the formulas of each kind
+  want = base_rows(tensors)
+  if name.startswith("lora"):
+    want = want + float(metadata["alpha"]) / 2 * (
+      tensors["lora_a"] @ tensors["lora_b"]
+    )
+  if name == "rows":
+    want[[3, 5]] = tensors["trainable_rows"]
+  ids = jnp.arange(7)
+  rows = raw(ne.lookup(pz.freeze_params(table), ids), "embedding")
+  tolerance = 2**-8 if name == "lora_bf16" else 1e-6  # rows read in bf16
+  np.testing.assert_allclose(
+    np.asarray(rows, np.float32), want[:7], rtol=tolerance, atol=1e-6
+  )
+
+
+def test_an_unknown_or_corrupt_kind_of_table_is_named(tmp_path):
+  tensors, metadata = earlier_files()["int8"]
+  path = tmp_path / "t.safetensors"
+  save_file(tensors, path, metadata={**metadata, "table": "hashed"})
+  with pytest.raises(ValueError, match=r"kind of table, 'hashed', that this"):
+    formats.load(path)
+  save_file(tensors, path, metadata={**metadata, "base": "pickle"})
+  with pytest.raises(ValueError, match=r"corrupt .* base 'pickle'"):
+    formats.load(path)
+  save_file(tensors, path, metadata={**metadata, "scheme": "int3"})
+  with pytest.raises(ValueError, match=r"corrupt named_embed file of a quan"):
+    formats.load(path)
+  del tensors["scales"]
+  save_file(tensors, path, metadata=metadata)
+  with pytest.raises(ValueError, match=r"has no tensor 'scales'"):
+    formats.load(path)
+
+
+def test_the_formats_modules_import_one_way():
+  """No import circle among `named_embed.formats`' modules, deferred
+  imports inside functions included."""
+  import ast
+  import pathlib
+
+  folder = pathlib.Path(formats.__file__).parent
+  graph = {}
+  for module in folder.glob("*.py"):
+    found = set()
+    for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      else:
+        continue
+      for name in names:
+        if name.startswith("named_embed.formats."):
+          found.add(name.split(".")[2])
+    graph[module.stem] = found & {p.stem for p in folder.glob("*.py")}
+  assert "safetensors_io" not in graph["_compressed"]
+  assert "_compressed" in graph["safetensors_io"]
+  done, visiting = set(), []
+
+  def visit(name):
+    assert name not in visiting, f"import circle: {visiting + [name]}"
+    if name in done:
+      return
+    visiting.append(name)
+    for other in sorted(graph[name] - {"__init__"}):
+      visit(other)
+    visiting.pop()
+    done.add(name)
+
+  for name in sorted(graph):
+    visit(name)

@@ -131,3 +131,69 @@ def test_blocks_inside_one_file_without_an_index(tmp_path):
   stored = open_tensor(tmp_path / "blocks.safetensors", "w")
   np.testing.assert_array_equal(stored.read(), WHOLE)
   assert "2 blocks in 1 files" in stored.describe()
+
+
+def test_regions_are_read_into_aligned_arrays_that_cpu_devices_adopt(
+  tmp_path,
+):
+  import jax
+
+  save_file({"w": WHOLE}, tmp_path / "one.safetensors")
+  stored = open_tensor(tmp_path / "one.safetensors", "w")
+  for region in [None, (slice(2, 5),), (slice(1, 7), slice(2, 4))]:
+    rows = stored.read(region)
+    assert rows.ctypes.data % stored_tensors.ALIGNMENT == 0
+    assert rows.flags.c_contiguous
+    np.testing.assert_array_equal(rows, WHOLE[region or ()])
+  rows = stored.read((slice(2, 5),))
+  placed = jax.device_put(rows, jax.devices("cpu")[0])
+  assert placed.unsafe_buffer_pointer() == rows.ctypes.data  # no copy
+
+
+def test_regions_cut_along_the_columns_are_read_a_chunk_at_a_time(
+  tmp_path, monkeypatch
+):
+  save_file({"w": WHOLE}, tmp_path / "one.safetensors")
+  write_blocks(tmp_path, grid([0, 3, 8], [0, 6]))
+  monkeypatch.setattr(stored_tensors, "_CHUNK_BYTES", 2 * 6 * 4)  # 2 rows
+  reads = []
+  read_into = stored_tensors._read_into
+
+  def spy(f, offset, out, path):
+    reads.append(out.nbytes)
+    return read_into(f, offset, out, path)
+
+  monkeypatch.setattr(stored_tensors, "_read_into", spy)
+  for path in (tmp_path / "one.safetensors", tmp_path):
+    reads.clear()
+    stored = open_tensor(path, "w")
+    np.testing.assert_array_equal(
+      stored.read((slice(1, 8), slice(2, 5))), WHOLE[1:8, 2:5]
+    )
+    assert max(reads) <= 2 * 6 * 4  # never more than a chunk of rows
+    reads.clear()
+    np.testing.assert_array_equal(stored.read((slice(1, 8),)), WHOLE[1:8])
+    assert sum(reads) == 7 * 6 * 4  # whole rows: exactly the region's bytes
+
+
+def test_every_safetensors_dtype_of_a_table_is_read(tmp_path):
+  tensors = {
+    name: (WHOLE[:2] * 3).astype(dtype)
+    for name, dtype in [
+      ("f16", np.float16),
+      ("bf16", ml_dtypes.bfloat16),
+      ("f64", np.float64),
+      ("i8", np.int8),
+      ("u8", np.uint8),
+      ("i32", np.int32),
+      ("i64", np.int64),
+      ("b", np.bool_),
+    ]
+  }
+  tensors["scalar"] = np.array(2.5, np.float32)
+  tensors["vector"] = np.arange(5, dtype=np.int16)
+  save_file(tensors, tmp_path / "all.safetensors")
+  for name, array in tensors.items():
+    stored = open_tensor(tmp_path / "all.safetensors", name)
+    assert stored.dtype == array.dtype
+    assert stored.read().tobytes() == array.tobytes()

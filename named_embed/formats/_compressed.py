@@ -1,9 +1,13 @@
-"""Files of quantised and adapted tables (`save` / `load` call this module).
+"""Quantised and adapted tables as named tensors plus metadata, and back.
 
-One safetensors file a table, like a plain table's, with the same string
-metadata for the axes, pad row, alignment rows and vocabulary
-(`safetensors_io.parse_metadata` reads them), plus ``table`` naming the
-kind and the tensors of its parts, written bit for bit:
+`named_embed.formats.safetensors_io` writes and reads every kind of table
+through the same steps (one file, or a checkpoint directory whose every
+process writes its own blocks; loads placed on a mesh, each process
+reading its own share of each tensor). This module says what a
+`QuantizedTable`, `LoraTable` or `TrainableRowsTable` is made of: its
+tensors, each with its axis names (`tensors`), and its metadata
+(`metadata`): the entries every table writes
+(`_file_metadata.table_metadata`) plus ``table`` naming the kind and:
 
 ====================  =====================================================
 ``table``             tensors and extra metadata
@@ -17,164 +21,234 @@ kind and the tensors of its parts, written bit for bit:
 ``trainable_rows``    the base's tensors and ``trainable_rows``;
                       ``row_ids``, how the rows are held and their label
 ====================  =====================================================
+
+``embeddings``, ``codes``, ``scales`` and ``lora_a`` lead with the
+vocabulary axis, so a vocabulary rule splits them over the mesh (each
+process reads only its rows of them); ``lora_b`` ``{rank, *embedding}``
+and ``trainable_rows`` ``{rows, *embedding}`` are small and follow the
+rules of their own axes (replicated under a vocabulary-only rule).
+`keys` names the tensors a file's metadata promises, and `build` makes
+the table of them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _table_arrays
-from named_embed.formats import safetensors_io
-from named_embed.formats._atomic import replacing
+from named_embed.formats import _file_metadata
+from named_embed.formats._file_metadata import TENSOR_KEY, Tensor
 from named_embed.lora import RANK_AXIS, LoraTable
 from named_embed.quantized import QuantizedTable
 from named_embed.table import EmbeddingTable
 from named_embed.trainable_rows import ROWS_AXIS, TrainableRowsTable
 
 KINDS = ("quantized", "lora", "trainable_rows")
+"""The values of the ``table`` metadata entry this module reads."""
+
+_ADAPTER_TENSORS = {
+  "quantized": (),
+  "lora": ("lora_a", "lora_b"),
+  "trainable_rows": ("trainable_rows",),
+}
 
 
 def handles(table: Any) -> bool:
-  """Whether ``table`` is a kind this module writes."""
+  """Whether ``table`` is a kind this module lays out.
+
+  >>> import numpy as np, named_embed as ne
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((2, 4), np.float32))
+  >>> handles(table), handles(table.quantized("int8"))
+  (False, True)
+  """
   return isinstance(table, QuantizedTable | LoraTable | TrainableRowsTable)
 
 
-def _host(array: Any) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(array))
+def tensors(table: Any) -> dict[str, Tensor]:
+  """The tensors ``table`` is stored as, by name, each with its axis names
+  (the arrays as the table holds them: no copy when stored in that order).
+
+  Raises:
+    ValueError: if an adapter is an unbound `pz.ParameterSlot`.
+
+  >>> import numpy as np, named_embed as ne
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((2, 4), np.float32))
+  >>> {k: t.axes for k, t in tensors(table.quantized("int4", 2)).items()}
+  {'codes': ('vocabulary', 'embedding'), 'scales': ('vocabulary', 'embedding')}
+  """
+  if isinstance(table, QuantizedTable):
+    return _base_tensors(table)
+  found = _base_tensors(table.base)
+  vocabulary, axes = table.vocabulary_axis, tuple(table.embedding_axes)
+  if isinstance(table, LoraTable):
+    found["lora_a"] = _tensor(table.lora_a, "lora_a", (vocabulary, RANK_AXIS))
+    found["lora_b"] = _tensor(table.lora_b, "lora_b", (RANK_AXIS, *axes))
+  else:
+    found["trainable_rows"] = _tensor(table.rows, "rows", (ROWS_AXIS, *axes))
+  return found
 
 
-def _common(table: Any) -> dict[str, str]:
-  metadata = {
-    "named_embed": safetensors_io.FORMAT_VERSION,
-    "vocabulary_axis": table.vocabulary_axis,
-    "embedding_axes": json.dumps(list(table.embedding_axes)),
-    "padding_index": json.dumps(table.padding_index),
-    "true_vocab_size": json.dumps(table.true_vocab_size),
-    "kind": "array",
-  }
-  if table.vocabulary is not None:
-    metadata["vocabulary"] = json.dumps(
-      {"tokens": list(table.vocabulary.tokens), "roles": table.vocabulary.roles}
+def metadata(table: Any) -> dict[str, str]:
+  """The string metadata of ``table``'s file (see the module docstring).
+
+  Raises:
+    ValueError: if an adapter is an unbound `pz.ParameterSlot`.
+
+  >>> import numpy as np, named_embed as ne
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((2, 4), np.float32))
+  >>> found = metadata(table.quantized("int8"))
+  >>> found["table"], found["scheme"], found["group_size"]
+  ('quantized', 'int8', 'null')
+  """
+  found = _file_metadata.table_metadata(table)
+  if isinstance(table, QuantizedTable):
+    return {**found, **_base_metadata(table), "table": "quantized"}
+  found.update(_base_metadata(table.base))
+  if isinstance(table, LoraTable):
+    found.update(table="lora", alpha=json.dumps(table.alpha))
+    found.update(_file_metadata.holder_metadata(table.lora_a, "lora_a_"))
+    found.update(_file_metadata.holder_metadata(table.lora_b, "lora_b_"))
+  else:
+    found.update(table="trainable_rows", row_ids=json.dumps(table.row_ids))
+    found.update(_file_metadata.holder_metadata(table.rows, "rows_"))
+  return found
+
+
+def keys(metadata: dict[str, Any], path: str) -> tuple[str, ...]:
+  """The tensors a file of a compressed or adapted table holds, by its
+  metadata.
+
+  Raises:
+    ValueError: for metadata that names no known base or kind.
+
+  >>> keys({"table": "lora", "base": "quantized"}, "t.safetensors")
+  ('codes', 'scales', 'lora_a', 'lora_b')
+  """
+  kind, base = metadata.get(_file_metadata.KIND_KEY), metadata.get("base")
+  if kind not in KINDS or base not in ("embedding", "quantized"):
+    raise ValueError(
+      f"{path}: corrupt named_embed file of a {kind} table: its metadata"
+      f" names the kind {kind!r} (known: {KINDS}) and the base {base!r}"
+      " (known: 'embedding', 'quantized')."
     )
-  return metadata
+  parts = ("codes", "scales") if base == "quantized" else (TENSOR_KEY,)
+  return (*parts, *_ADAPTER_TENSORS[kind])
 
 
-def _base_parts(base: Any) -> tuple[dict, dict]:
-  """Tensors and metadata of a frozen base (plain or quantised)."""
+def build(
+  arrays: dict[str, Any],
+  metadata: dict[str, Any],
+  path: str,
+  freeze: bool | None,
+) -> Any:
+  """The table of ``arrays`` (by tensor name, see `keys`) and its file's
+  ``metadata``; ``freeze`` as in `named_embed.load`. The arrays may be
+  numpy, placed jax arrays, or abstract ones (`jax.eval_shape`).
+
+  Raises:
+    ValueError: naming ``path``, if the tensors or metadata do not make a
+      table of the recorded kind.
+
+  >>> import numpy as np, named_embed as ne
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((2, 4), np.float32))
+  >>> q = table.quantized("int8")
+  >>> again = build({k: t.array for k, t in tensors(q).items()},
+  ...               metadata(q), "q.safetensors", None)
+  >>> type(again).__name__, again.codes.named_shape
+  ('QuantizedTable', {'vocabulary': 2, 'embedding': 4})
+  """
+  kind = metadata.get(_file_metadata.KIND_KEY)
+  try:
+    return _build(arrays, metadata, path, freeze)
+  except (KeyError, ValueError, TypeError, json.JSONDecodeError) as error:
+    if str(error).startswith(f"{path}:"):
+      raise
+    raise ValueError(
+      f"{path}: corrupt named_embed file of a {kind} table:"
+      f" {type(error).__name__}: {error}"
+    ) from None
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _in_order(named: Any, axes: tuple[str, ...]) -> Any:
+  """The data of a `NamedArray` with axes ``axes``, in that order (no
+  transpose, hence no copy, when it is stored so)."""
+  if type(named) is pz.nx.NamedArray and tuple(named.named_axes) == axes:
+    return named.data_array
+  return named.unwrap(*axes)
+
+
+def _tensor(holder: Any, field: str, axes: tuple[str, ...]) -> Tensor:
+  _file_metadata.holder_metadata(holder, f"{field}_")  # refuses a slot
+  value = holder if isinstance(holder, pz.nx.NamedArrayBase) else holder.value
+  return Tensor(axes, _in_order(value, axes))
+
+
+def _base_tensors(base: Any) -> dict[str, Tensor]:
+  """The tensors of a frozen base (plain or quantised)."""
+  codes_axes = (base.vocabulary_axis, *base.embedding_axes)
   if isinstance(base, QuantizedTable):
-    source, (codes, scales) = base.row_parts()
-    tensors = {"codes": _host(codes), "scales": _host(scales)}
-    metadata = {
+    scales_axes = codes_axes if base.group_size else codes_axes[:1]
+    return {
+      "codes": Tensor(codes_axes, _in_order(base.codes, codes_axes)),
+      "scales": Tensor(scales_axes, _in_order(base.scales, scales_axes)),
+    }
+  return {TENSOR_KEY: Tensor(codes_axes, base.rows_array())}
+
+
+def _base_metadata(base: Any) -> dict[str, str]:
+  if isinstance(base, QuantizedTable):
+    return {
       "base": "quantized",
       "scheme": base.scheme,
       "group_size": json.dumps(base.group_size),
       "embedding_sizes": json.dumps(list(base.embedding_axes.values())),
       "dtype": np.dtype(base.dtype).name,
     }
-    return tensors, metadata
-  return {"embeddings": _host(base.rows_array())}, {"base": "embedding"}
+  return {"base": "embedding"}
 
 
-def _held(holder: Any, field: str) -> dict[str, str]:
-  """How a parameter is held (kind and label), as metadata."""
-  kind = _table_arrays.holder_kind(holder)
-  if kind == "slot":
-    raise ValueError(
-      f"save(): `{field}` is an unbound slot (label {holder.label!r}); bind"
-      " a value first."
-    )
-  metadata = {f"{field}_kind": kind}
-  if kind != "array":
-    metadata[f"{field}_label"] = holder.label
-  return metadata
+# ------------------------------------------------------------------ reading
 
 
-def save(table: Any, path: str | os.PathLike[str]) -> None:
-  """Writes a `QuantizedTable`, `LoraTable` or `TrainableRowsTable`."""
-  from safetensors.numpy import save_file
-
-  metadata = _common(table)
-  if isinstance(table, QuantizedTable):
-    tensors, extra = _base_parts(table)
-    metadata.update(extra, table="quantized")
-  else:
-    source, arrays = table.row_parts()
-    tensors, extra = _base_parts(table.base)
-    metadata.update(extra)
-    if isinstance(table, LoraTable):
-      tensors["lora_a"], tensors["lora_b"] = (
-        _host(arrays[-2]),
-        _host(arrays[-1]),
-      )
-      metadata.update(table="lora", alpha=json.dumps(table.alpha))
-      metadata.update(_held(table.lora_a, "lora_a"))
-      metadata.update(_held(table.lora_b, "lora_b"))
-    else:
-      tensors["trainable_rows"] = _host(arrays[-1])
-      metadata.update(table="trainable_rows", row_ids=json.dumps(table.row_ids))
-      metadata.update(_held(table.rows, "rows"))
-  with replacing(path) as temp:
-    save_file(tensors, temp, metadata=metadata)
-
-
-def load_if_compressed(path: str, freeze: bool | None) -> Any:
-  """The table in ``path`` if `save` wrote a compressed or adapted table
-  there, else None (the plain reader then reads, or explains, the file)."""
-  from safetensors import SafetensorError, safe_open
-
-  try:
-    with safe_open(path, framework="numpy") as f:
-      metadata = f.metadata() or {}
-      if metadata.get("table") not in KINDS:
-        return None
-      tensors = {key: f.get_tensor(key) for key in f.keys()}
-  except (SafetensorError, OSError):
-    return None
-  if metadata.get("named_embed") != safetensors_io.FORMAT_VERSION:
-    return None  # the plain reader explains the version
-  try:
-    return _build(path, tensors, metadata, freeze)
-  except (KeyError, ValueError, TypeError, json.JSONDecodeError) as error:
-    raise ValueError(
-      f"{path}: corrupt named_embed file of a {metadata['table']} table:"
-      f" {type(error).__name__}: {error}"
-    ) from None
-
-
-def _build(path, tensors, metadata, freeze) -> Any:
-  spec = safetensors_io.parse_metadata(metadata, path)
-  base = _build_base(spec, tensors, metadata)
-  kind = metadata["table"]
+def _build(arrays, metadata, path, freeze) -> Any:
+  spec = _file_metadata.parse_metadata(metadata, path)
+  base = _build_base(spec, arrays, metadata)
+  kind = metadata[_file_metadata.KIND_KEY]
+  axes = spec["embedding_axes"]
   if kind == "quantized":
     return base
   if kind == "lora":
-    axes = spec["embedding_axes"]
     a = pz.nx.wrap(
-      jnp.asarray(tensors["lora_a"]), spec["vocabulary_axis"], RANK_AXIS
+      jnp.asarray(arrays["lora_a"]), spec["vocabulary_axis"], RANK_AXIS
     )
-    b = pz.nx.wrap(jnp.asarray(tensors["lora_b"]), RANK_AXIS, *axes)
+    b = pz.nx.wrap(jnp.asarray(arrays["lora_b"]), RANK_AXIS, *axes)
     return LoraTable(
       base=base,
-      lora_a=_hold(a, metadata, "lora_a", freeze),
-      lora_b=_hold(b, metadata, "lora_b", freeze),
+      lora_a=_held(a, metadata, "lora_a", freeze),
+      lora_b=_held(b, metadata, "lora_b", freeze),
       alpha=float(json.loads(metadata["alpha"])),
     )
-  rows = pz.nx.wrap(
-    jnp.asarray(tensors["trainable_rows"]), ROWS_AXIS, *spec["embedding_axes"]
-  )
+  rows = pz.nx.wrap(jnp.asarray(arrays["trainable_rows"]), ROWS_AXIS, *axes)
   row_ids = tuple(int(i) for i in json.loads(metadata["row_ids"]))
   return TrainableRowsTable(
-    base=base, rows=_hold(rows, metadata, "rows", freeze), row_ids=row_ids
+    base=base, rows=_held(rows, metadata, "rows", freeze), row_ids=row_ids
   )
 
 
-def _build_base(spec, tensors, metadata) -> Any:
+def _held(value, metadata, field, freeze) -> Any:
+  return _file_metadata.held_as_saved(
+    value, metadata, f"{field}_", freeze, f"embeddings.{field}"
+  )
+
+
+def _build_base(spec, arrays, metadata) -> Any:
   axes = spec["embedding_axes"]
   vocabulary_axis = spec["vocabulary_axis"]
   statics = dict(
@@ -183,14 +257,12 @@ def _build_base(spec, tensors, metadata) -> Any:
     true_vocab_size=spec["true_vocab_size"],
   )
   if metadata["base"] == "embedding":
-    value = pz.nx.wrap(
-      jnp.asarray(tensors["embeddings"]), vocabulary_axis, *axes
-    )
+    value = pz.nx.wrap(jnp.asarray(arrays[TENSOR_KEY]), vocabulary_axis, *axes)
     return EmbeddingTable(value, vocabulary_axis, **statics)
   sizes = json.loads(metadata["embedding_sizes"])
   group_size = json.loads(metadata["group_size"])
-  codes = jnp.asarray(tensors["codes"])
-  scales = jnp.asarray(tensors["scales"])
+  codes = jnp.asarray(arrays["codes"])
+  scales = jnp.asarray(arrays["scales"])
   table = QuantizedTable(
     codes=pz.nx.wrap(codes, vocabulary_axis, *axes),
     scales=pz.nx.wrap(
@@ -230,13 +302,3 @@ def _check_quantized(table: QuantizedTable, codes, scales) -> None:
       f"scales {scales.dtype}{list(scales.shape)} do not fit (expected"
       f" float32{list(want_scales)})."
     )
-
-
-def _hold(value, metadata, field, freeze) -> Any:
-  kind = metadata[f"{field}_kind"]
-  if freeze is not None:
-    kind = "array" if freeze else "parameter"
-  if kind == "array":
-    return value
-  label = metadata.get(f"{field}_label") or f"embeddings.{field}"
-  return _table_arrays.hold(kind, value, label)

@@ -7,8 +7,8 @@ A large checkpoint is split over several safetensors files
   {"metadata": {"total_size": ...}, "weight_map": {tensor name: file name}}
 
 `tensor_file` follows the index to the one file that holds a tensor, so
-`named_embed.from_safetensors` opens that file only, memory-mapped, and
-reads its header and that tensor's bytes: never the rest of the
+`named_embed.from_safetensors` opens that file only, and reads its
+header and that tensor's bytes: never the rest of the
 checkpoint. `find_index`, `read_index`, `file_in_index` and `write_index`
 are the index's other readers and its writer (`stored_tensors` follows a
 tensor stored in blocks over several files; `distributed_io` writes such

@@ -1,21 +1,27 @@
 """Tables whose rows span processes: each process reads and writes its own.
 
 Under `jax.distributed` (one process per host, one mesh over every
-process's devices) no process may need the whole table.
+process's devices) no process may need the whole table. A table is
+stored as one or more named tensors (`_file_metadata.Tensor`: the rows of
+a plain table; the codes and scales of a quantised one; a base and its
+adapters), and everything here works tensor by tensor.
 
-**Loading with a mesh** (`load`): the table's `PartitionSpec` comes from
+**Loading with a mesh** (`load`): each tensor's `PartitionSpec` comes from
 its axis names and the rules, as for `ne.shard`. Each process reads, for
-each of its devices in turn, that device's region of the stored tensor
-(`stored_tensors`: memory-mapped slices of only the files that hold it),
-moves it to the device and frees the host copy before the next one. Its
-host memory grows by its share of the table, plus one region in flight.
+each of its devices in turn, that device's region of each tensor
+(`stored_tensors`: positioned reads of only the files that hold it, into
+one array per region, which a CPU device adopts without a copy) and moves
+it to the device. Its host memory grows by its share of the table, plus
+(on GPUs and TPUs) one region in flight.
 
 **Saving to a directory** (`save_directory`): the Hugging Face sharded
 layout, ``model-0000k-of-0000n.safetensors`` files and
 ``model.safetensors.index.json``. Every process derives the same
-`WritePlan` from the rows' sharding: each distinct block once, written by
-one of the processes holding it (replicas take turns), named after its
-region (``embeddings[0:32,0:16]``); one file per writing process. Then
+`WritePlan` from the tensors' shardings: each distinct block of each
+tensor once, written by one of the processes holding it (replicas take
+turns), named after its region (``embeddings[0:32,0:16]``; a tensor held
+whole, such as a replicated adapter, keeps its plain name); one file per
+writing process. Then
 (1) process 0 removes the previous index (refusing one named_embed did not
 write) and draws a save token; (2) every process writes its file,
 atomically; (3) process 0 writes the index, atomically, and removes files
@@ -39,15 +45,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from penzai import pz
 
 from named_embed import _processes, sharding
 from named_embed.formats import checkpoints, stored_tensors
 from named_embed.formats._atomic import replacing
-from named_embed.table import EmbeddingTable
+from named_embed.formats._file_metadata import Tensor
 
 INDEX_NAME = "model" + checkpoints.INDEX_SUFFIX
 
-Build = Callable[[stored_tensors.StoredTensor, Any], EmbeddingTable]
+Stored = Mapping[str, stored_tensors.StoredTensor]
+Build = Callable[[Stored, Mapping[str, Any]], Any]
+"""``build(stored, arrays)``: the table of the arrays read (by tensor
+name) from the tensors ``stored``."""
+TensorsOf = Callable[[Any], Mapping[str, Tensor]]
+"""``tensors_of(table)``: its tensors by name, with their axis names (the
+inverse of a `Build`)."""
 
 
 def is_directory_path(path: str | os.PathLike[str]) -> bool:
@@ -76,14 +89,16 @@ def spans_processes(rows: Any) -> bool:
   return isinstance(rows, jax.Array) and not rows.is_fully_addressable
 
 
-def check_one_file(rows: Any, path: str | os.PathLike[str]) -> None:
-  """Raises unless one process holds all of ``rows`` (one file can hold
+def check_one_file(
+  arrays: Mapping[str, Any], path: str | os.PathLike[str]
+) -> None:
+  """Raises unless one process holds all of ``arrays`` (one file can hold
   only what one host has).
 
   >>> import numpy as np
-  >>> check_one_file(np.ones(3), "t.safetensors")
+  >>> check_one_file({"embeddings": np.ones(3)}, "t.safetensors")
   """
-  if spans_processes(rows):
+  if any(spans_processes(array) for array in arrays.values()):
     stem = os.path.splitext(os.fspath(path))[0]
     raise ValueError(
       f"ne.save({os.fspath(path)!r}): the table's rows are spread over"
@@ -94,33 +109,43 @@ def check_one_file(rows: Any, path: str | os.PathLike[str]) -> None:
 
 
 def load(
-  open_stored: Callable[[], stored_tensors.StoredTensor],
+  open_stored: Callable[[], Stored],
   build: Build,
+  tensors_of: TensorsOf,
   *,
   mesh: Mesh | None,
   rules: sharding.Rules | None,
   what: str,
-) -> EmbeddingTable:
-  """``build(stored, rows)`` of the tensor ``open_stored()`` finds, with
-  the rows read whole (``mesh=None``) or placed on ``mesh`` by ``rules``,
-  each process reading its own devices' regions only.
+) -> Any:
+  """``build(stored, arrays)`` of the tensors ``open_stored()`` finds,
+  read whole (``mesh=None``) or placed on ``mesh`` by ``rules``, each
+  process reading its own devices' regions of each tensor only.
+
+  ``tensors_of(table)`` names the axes of each tensor of a table that
+  ``build`` makes: the placement of each tensor follows from them (found on
+  abstract arrays: nothing is read for it), and ``build``'s own checks run
+  before anything is read.
 
   Raises:
     TypeError: for a ``mesh`` that is not a `Mesh`, or rules without a mesh
       (or a mesh without rules).
-    ValueError: if the mesh does not divide the table's axes (the message
+    ValueError: if the mesh does not divide a tensor's axes (the message
       names the shape, the mesh and the rules); and what ``open_stored``,
       reading and ``build`` raise, on every process if on one.
 
   >>> import os, tempfile, jax, numpy as np, named_embed as ne
   >>> from safetensors.numpy import save_file
   >>> mesh = jax.make_mesh((1,), ("model",))
+  >>> def build(stored, arrays):
+  ...   return ne.EmbeddingTable.from_pretrained(arrays["w"])
+  >>> def tensors_of(table):
+  ...   return {"w": Tensor(("vocabulary", "embedding"), table.rows_array())}
   >>> with tempfile.TemporaryDirectory() as tmp:
   ...   path = os.path.join(tmp, "m.safetensors")
   ...   save_file({"w": np.ones((4, 2), np.float32)}, path)
-  ...   table = load(lambda: stored_tensors.open_tensor(path, "w"),
-  ...                lambda stored, rows: ne.EmbeddingTable.from_pretrained(rows),
-  ...                mesh=mesh, rules={"vocabulary": "model"}, what="demo")
+  ...   table = load(lambda: stored_tensors.open_tensors(path, ["w"]), build,
+  ...                tensors_of, mesh=mesh, rules={"vocabulary": "model"},
+  ...                what="demo")
   >>> table.rows_array().sharding.spec
   P('model', None)
   """
@@ -130,8 +155,9 @@ def load(
         "`rules` places the table on a mesh: pass `mesh=` too, or neither."
       )
     stored = open_stored()
-    table = build(stored, stored.read())
-    gc.collect(0)  # frees the host copy now (see `placed_rows`)
+    arrays = {key: _on_device(tensor.read()) for key, tensor in stored.items()}
+    table = build(stored, arrays)
+    gc.collect(0)  # frees host copies of transfers now (see `placed_rows`)
     return table
   if not isinstance(mesh, Mesh):
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {mesh!r}.")
@@ -142,21 +168,22 @@ def load(
     )
   with _processes.together(what):
     stored = open_stored()
-    placement = _placement(stored, build, mesh, rules)
-    table = build(stored, placed_rows(stored, placement))
-    return sharding.shard(table, mesh, rules)
+    placements = _placements(stored, build, tensors_of, mesh, rules)
+    arrays = {
+      key: placed_rows(tensor, placements[key])
+      for key, tensor in stored.items()
+    }
+    return sharding.shard(build(stored, arrays), mesh, rules)
 
 
-def open_saved(
-  path: str | os.PathLike[str], key: str, check=None
-) -> stored_tensors.StoredTensor:
-  """`stored_tensors.open_tensor` for `ne.load`: a directory must hold the
-  index that `save_directory` writes last.
+def open_saved(path: str | os.PathLike[str], keys, check=None) -> Stored:
+  """`stored_tensors.open_tensors` for `ne.load`: a directory must hold
+  the index that `save_directory` writes last.
 
   >>> import tempfile
   >>> with tempfile.TemporaryDirectory() as tmp:
   ...   try:
-  ...     open_saved(tmp, "embeddings")
+  ...     open_saved(tmp, ["embeddings"])
   ...   except ValueError as error:
   ...     print(str(error).replace(tmp, "out"))
   out is a directory without its index (model.safetensors.index.json). ne.save writes the index last: a save there was interrupted, or never made.
@@ -167,7 +194,7 @@ def open_saved(
       f"{path} is a directory without its index ({INDEX_NAME}). ne.save"
       " writes the index last: a save there was interrupted, or never made."
     )
-  return stored_tensors.open_tensor(path, key, check)
+  return stored_tensors.open_tensors(path, keys, check)
 
 
 def placed_rows(
@@ -194,12 +221,12 @@ def placed_rows(
   for device, index in placement.addressable_devices_indices_map(shape).items():
     region = _region(index, shape)
     if region not in read:  # replicas on this process are copied, not read
-      block = stored.read(index)
+      block = stored.read(index)  # 64-byte aligned: a CPU device adopts it
       read[region] = jax.device_put(block, device).block_until_ready()
       del block
-      # jaxlib releases the host copy of a transfer at Python's next garbage
-      # collection (`gc.callbacks`); a young one frees it before the next
-      # region is read, so that only one region is ever in flight.
+      # On GPUs and TPUs, jaxlib releases the host copy of a transfer at
+      # Python's next garbage collection (`gc.callbacks`); a young one frees
+      # it before the next region is read: one region in flight at most.
       gc.collect(0)
       arrays.append(read[region])
     else:
@@ -211,16 +238,18 @@ def placed_rows(
 
 @dataclasses.dataclass(frozen=True)
 class WritePlan:
-  """Who writes which block of an array, the same on every process.
+  """Who writes which block of which tensor, the same on every process.
 
   Attributes:
-    weight_map: Block (tensor) name -> file name, in row order.
-    regions: Block name -> its region ``(start, stop)``.
+    weight_map: Block (stored tensor) name -> file name, in order.
+    tensors: Block name -> the name of the tensor it is a block of.
+    regions: Block name -> its region ``(start, stop)`` in that tensor.
     writers: Block name -> the device whose copy is written.
     total_size: Bytes of all blocks.
   """
 
   weight_map: dict[str, str]
+  tensors: dict[str, str]
   regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
   writers: dict[str, Any]
   total_size: int
@@ -229,7 +258,7 @@ class WritePlan:
     """File name -> names of the blocks that ``process`` writes there.
 
     >>> import jax
-    >>> write_plan(jax.numpy.ones((4, 2)), "w").files_of(0)
+    >>> write_plan({"w": jax.numpy.ones((4, 2))}).files_of(0)
     {'model-00001-of-00001.safetensors': ['w']}
     """
     files: dict[str, list[str]] = {}
@@ -239,60 +268,63 @@ class WritePlan:
     return files
 
 
-def write_plan(rows: jax.Array, key: str) -> WritePlan:
-  """Each distinct block of ``rows`` once, spread over the processes that
-  hold it; one file per writing process.
+def write_plan(arrays: Mapping[str, jax.Array]) -> WritePlan:
+  """Each distinct block of each array once, spread over the processes
+  that hold it (turns continue from one array to the next); one file per
+  writing process. An array held whole (one block) keeps its own name.
 
   >>> import jax, numpy as np
-  >>> plan = write_plan(jax.numpy.ones((4, 2)), "embeddings")
+  >>> plan = write_plan({"embeddings": jax.numpy.ones((4, 2)),
+  ...                    "scales": jax.numpy.ones(4)})
   >>> plan.weight_map, plan.total_size
-  ({'embeddings': 'model-00001-of-00001.safetensors'}, 32)
+  ({'embeddings': 'model-00001-of-00001.safetensors', 'scales': 'model-00001-of-00001.safetensors'}, 48)
   """
-  shape = rows.shape
-  holders: dict[Any, list[Any]] = {}
-  for device, index in rows.sharding.devices_indices_map(shape).items():
-    holders.setdefault(_region(index, shape), []).append(device)
-  regions = sorted(holders)
-  chosen = {}
-  for number, region in enumerate(regions):
-    processes = sorted({d.process_index for d in holders[region]})
-    process = processes[number % len(processes)]  # replicas take turns
-    chosen[region] = min(
-      (d for d in holders[region] if d.process_index == process),
-      key=lambda d: d.id,
-    )
+  chosen: dict[str, Any] = {}  # block name -> device
+  tensors, regions, sizes = {}, {}, {}
+  turn = 0
+  for key, array in arrays.items():
+    shape = array.shape
+    holders: dict[Any, list[Any]] = {}
+    for device, index in array.sharding.devices_indices_map(shape).items():
+      holders.setdefault(_region(index, shape), []).append(device)
+    itemsize = np.dtype(array.dtype).itemsize
+    for region in sorted(holders):
+      name = (
+        key if len(holders) == 1 else stored_tensors.block_name(key, *region)
+      )
+      processes = sorted({d.process_index for d in holders[region]})
+      process = processes[turn % len(processes)]  # replicas take turns
+      turn += 1
+      chosen[name] = min(
+        (d for d in holders[region] if d.process_index == process),
+        key=lambda d: d.id,
+      )
+      tensors[name], regions[name] = key, region
+      sizes[name] = math.prod(b - a for a, b in zip(*region)) * itemsize
   writers = sorted({d.process_index for d in chosen.values()})
   files = {
     p: f"model-{k + 1:05d}-of-{len(writers):05d}.safetensors"
     for k, p in enumerate(writers)
   }
-  names = {
-    region: key
-    if len(regions) == 1
-    else stored_tensors.block_name(key, *region)
-    for region in regions
-  }
-  itemsize = np.dtype(rows.dtype).itemsize
   return WritePlan(
-    weight_map={names[r]: files[chosen[r].process_index] for r in regions},
-    regions={names[r]: r for r in regions},
-    writers={names[r]: chosen[r] for r in regions},
-    total_size=sum(
-      math.prod(b - a for a, b in zip(*r)) * itemsize for r in regions
-    ),
+    weight_map={n: files[d.process_index] for n, d in chosen.items()},
+    tensors=tensors,
+    regions=regions,
+    writers=chosen,
+    total_size=sum(sizes.values()),
   )
 
 
 def save_directory(
-  rows: jax.Array,
+  arrays: Mapping[str, Any],
   directory: str | os.PathLike[str],
-  key: str,
   metadata: dict[str, str],
   *,
   what: str,
 ) -> None:
-  """Writes ``rows`` as tensor ``key`` of a checkpoint directory, every
-  process its own blocks, then the index (see the module docstring).
+  """Writes ``arrays`` (tensor name -> array) as the tensors of a
+  checkpoint directory, every process its own blocks, then the index with
+  ``metadata`` (see the module docstring).
 
   Raises:
     ValueError: if the directory holds an index named_embed did not write.
@@ -303,12 +335,16 @@ def save_directory(
   >>> import os, tempfile, jax
   >>> with tempfile.TemporaryDirectory() as tmp:
   ...   out = os.path.join(tmp, "out")
-  ...   save_directory(jax.numpy.ones((4, 2)), out, "w", {}, what="demo")
+  ...   save_directory({"w": jax.numpy.ones((4, 2))}, out, {}, what="demo")
   ...   sorted(os.listdir(out))
   ['model-00001-of-00001.safetensors', 'model.safetensors.index.json']
   """
   directory = os.fspath(directory)
-  plan = write_plan(rows, key)
+  arrays = {
+    key: array if isinstance(array, jax.Array) else jnp.asarray(array)
+    for key, array in arrays.items()
+  }
+  plan = write_plan(arrays)
   first = _processes.index() == 0
   stale: set[str] = set()
   error = None
@@ -319,7 +355,7 @@ def save_directory(
   token = secrets.token_hex(8)  # process 0's is every process's
   token = _processes.share(f"{what}: preparing {directory}", token, error)[0]
   with _processes.together(f"{what}: writing this process's rows"):
-    _write_own(rows, directory, plan, token)  # 2. each process its file
+    _write_own(arrays, directory, plan, token)  # 2. each process its file
   with _processes.together(f"{what}: writing the index"):
     if first:  # 3. the index, once every file is complete
       index_metadata = {
@@ -345,12 +381,18 @@ def _prepare(directory: str, first: bool) -> set[str]:
   return _claim(directory) if first else set()
 
 
-def _write_own(rows, directory: str, plan: WritePlan, token: str) -> None:
+def _write_own(arrays, directory: str, plan: WritePlan, token: str) -> None:
   """Writes this process's blocks, one file, atomically."""
-  shards = {s.device: s for s in rows.addressable_shards}
+  shards = {
+    (key, shard.device): shard
+    for key, array in arrays.items()
+    for shard in array.addressable_shards
+  }
   metadata = {"format": "pt", stored_tensors.SAVE_KEY: token}
   for file, names in plan.files_of(_processes.index()).items():
-    tensors = {n: _host(shards[plan.writers[n]].data) for n in names}
+    tensors = {
+      n: _host(shards[plan.tensors[n], plan.writers[n]].data) for n in names
+    }
     with replacing(os.path.join(directory, file)) as temp:
       _save_file(tensors, temp, metadata)
     del tensors
@@ -398,27 +440,48 @@ def _remove(path: str) -> None:
     pass
 
 
-def _placement(stored, build: Build, mesh: Mesh, rules) -> NamedSharding:
-  """The sharding ``rules`` give the table ``build`` makes of ``stored``,
-  found on abstract rows (nothing read, nothing allocated)."""
-  dtype = jax.dtypes.canonicalize_dtype(stored.dtype)
-  captured = {}
+def _on_device(array: np.ndarray) -> Any:
+  """``array`` on the default device: adopted without a copy on a CPU
+  device (it is aligned; `jnp.asarray` would copy it). A dtype JAX would
+  convert (float64 without x64) stays numpy, for the builder to refuse or
+  convert as it does any input."""
+  if jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype:
+    return array
+  return jax.device_put(array)
 
-  def abstract_value():
-    table = build(stored, jnp.zeros(stored.shape, dtype))
-    captured["axes"] = (table.vocabulary_axis, *table.embedding_axes)
-    return table.value.order_as(*captured["axes"])
 
-  value = jax.eval_shape(abstract_value)
-  try:
-    spec = sharding.partition_spec(value, mesh, rules)
-  except ValueError as error:
-    shape = dict(value.named_shape)
-    raise ValueError(
-      f"{stored.describe()}: a table of shape {shape} does not fit mesh"
-      f" {dict(mesh.shape)} with rules {dict(rules)}. {error}"
-    ) from None
-  return NamedSharding(mesh, spec)
+def _placements(
+  stored: Stored, build: Build, tensors_of: TensorsOf, mesh: Mesh, rules
+) -> dict[str, NamedSharding]:
+  """The sharding ``rules`` give each tensor of the table ``build`` makes
+  of ``stored``, found on abstract arrays (nothing read, nothing
+  allocated)."""
+
+  def abstract_tensors():
+    arrays = {
+      key: jnp.zeros(tensor.shape, jax.dtypes.canonicalize_dtype(tensor.dtype))
+      for key, tensor in stored.items()
+    }
+    return {
+      key: pz.nx.wrap(tensor.array, *tensor.axes)
+      for key, tensor in tensors_of(build(stored, arrays)).items()
+    }
+
+  named = jax.eval_shape(abstract_tensors)
+  placements = {}
+  for key, tensor in stored.items():
+    value = named[key]
+    try:
+      spec = sharding.partition_spec(value, mesh, rules)
+    except ValueError as error:
+      shape = dict(value.named_shape)
+      what = "a table" if len(stored) == 1 else "an array"
+      raise ValueError(
+        f"{tensor.describe()}: {what} of shape {shape} does not fit mesh"
+        f" {dict(mesh.shape)} with rules {dict(rules)}. {error}"
+      ) from None
+    placements[key] = NamedSharding(mesh, spec)
+  return placements
 
 
 def _region(index: tuple[slice, ...], shape) -> tuple[tuple[int, ...], ...]:

@@ -1,20 +1,15 @@
 """safetensors files: `save` / `load` of whole tables, `from_safetensors`.
 
-A table file holds one tensor, ``"embeddings"``, laid out
+A plain table's file holds one tensor, ``"embeddings"``, laid out
 ``[vocabulary, *embedding axes]`` in the table's own dtype (float32,
-bfloat16 and float16 round-trip bit for bit), and string metadata:
-
-========================  ===================================================
-``named_embed``           format version, ``"1"``
-``vocabulary_axis``       name of the vocabulary axis
-``embedding_axes``        JSON list of the embedding axis names, in order
-``padding_index``         JSON int or ``null``
-``vocabulary``            JSON ``{"tokens": [...], "roles": {"pad": ...}}``
-                          (only when the table has a vocabulary)
-``kind``                  ``array`` (frozen), ``parameter`` or
-                          ``parameter_value``
-``label``                 the parameter's label (not for ``array``)
-========================  ===================================================
+bfloat16 and float16 round-trip bit for bit), and string metadata
+(`named_embed.formats._file_metadata` lists the entries). A quantised or
+adapted table's file holds the tensors of its parts
+(`named_embed.formats._compressed`). Every kind is written and read
+through the same steps: its tensors (each with its axis names) and
+metadata go to one file, or to a checkpoint directory where every process
+writes its own blocks of each tensor (`named_embed.formats.distributed_io`),
+and a load with a mesh reads each process's share of each tensor.
 
 safetensors holds raw little-endian numbers and a JSON header, nothing
 executable, so reading a file never runs code (unlike pickle).
@@ -23,30 +18,32 @@ executable, so reading a file never runs code (unlike pickle).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from named_embed import _table_arrays
-from named_embed.formats import checkpoints, distributed_io, stored_tensors
+import numpy as np
+
+from named_embed.formats import (
+  _compressed,
+  _file_metadata,
+  checkpoints,
+  distributed_io,
+  stored_tensors,
+)
 from named_embed.formats._atomic import replacing
 from named_embed.formats._common import (
   VocabularyLike,
   as_vocabulary,
-  available,
   build_table,
-  host_rows,
 )
+from named_embed.formats._file_metadata import TENSOR_KEY, Tensor
 from named_embed.table import EmbeddingTable
-from named_embed.vocabulary import SPECIAL_ROLES, Vocabulary
 
 if TYPE_CHECKING:
   from jax.sharding import Mesh
 
-FORMAT_VERSION = "1"
-TENSOR_KEY = "embeddings"
-_KINDS = ("array", "parameter", "parameter_value")
+FORMAT_VERSION = _file_metadata.FORMAT_VERSION
 
 
 def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
@@ -63,9 +60,11 @@ def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
   interrupted save leaves the previous file (or none), never half a file.
 
   A ``path`` without a suffix (``"out"``) is a checkpoint directory in
-  the Hugging Face sharded layout instead: under `jax.distributed` every
-  process calls `save` and writes the rows it holds, then process 0 the
-  index (`named_embed.formats.distributed_io`; ``docs/sharding.md``).
+  the Hugging Face sharded layout instead, for every kind of table: under
+  `jax.distributed` every process calls `save` and writes its blocks of
+  each tensor (rows; codes and scales; a base and its adapters), then
+  process 0 the index (`named_embed.formats.distributed_io`;
+  ``docs/sharding.md``).
 
   Args:
     table: A table whose embeddings are bound (not a `pz.ParameterSlot`).
@@ -73,9 +72,10 @@ def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
       (a path without a suffix, or an existing directory).
 
   Raises:
-    TypeError: if ``table`` is not an `EmbeddingTable`.
-    ValueError: if the table's embeddings are unbound, or span processes
-      and ``path`` names one file.
+    TypeError: if ``table`` is not an `EmbeddingTable`, `QuantizedTable`,
+      `LoraTable` or `TrainableRowsTable`.
+    ValueError: if the table's embeddings (or adapters) are unbound, or
+      span processes and ``path`` names one file.
 
   Example:
 
@@ -93,35 +93,18 @@ def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
   """
   from safetensors.numpy import save_file
 
-  if not isinstance(table, EmbeddingTable):
-    from named_embed.formats import _compressed
-
-    if _compressed.handles(table):  # quantised, LoRA, trainable rows
-      if distributed_io.is_directory_path(path):
-        raise NotImplementedError(
-          f"ne.save({os.fspath(path)!r}): a {type(table).__name__} is saved"
-          " as one file, not as a directory of per-process shards; give a"
-          " path with a suffix, e.g. 'table.safetensors' (on one process)."
-        )
-      _compressed.save(table, path)
-      return
-    raise TypeError(
-      f"save() writes an EmbeddingTable; got {type(table).__name__}."
-    )
+  tensors, metadata = _tensors(table), _metadata(table)
+  arrays = {key: tensor.array for key, tensor in tensors.items()}
   if distributed_io.is_directory_path(path):  # every process its own rows
     distributed_io.save_directory(
-      table.rows_array(),
-      path,
-      TENSOR_KEY,
-      _table_metadata(table),
-      what=f"ne.save({os.fspath(path)!r})",
+      arrays, path, metadata, what=f"ne.save({os.fspath(path)!r})"
     )
     return
-  distributed_io.check_one_file(table.rows_array(), path)
-  rows = host_rows(table)
-  metadata = _table_metadata(table)
+  distributed_io.check_one_file(arrays, path)
+  # C order: safetensors writes the raw buffer of what it is given
+  host = {key: np.ascontiguousarray(array) for key, array in arrays.items()}
   with replacing(path) as temp:
-    save_file({TENSOR_KEY: rows}, temp, metadata=metadata)
+    save_file(host, temp, metadata=metadata)
 
 
 def load(
@@ -141,9 +124,10 @@ def load(
       ``"embeddings.embeddings"`` if the table was saved frozen).
     mesh: If given, the table is placed on it by ``rules`` (as
       `named_embed.shard` would), each process reading only its own
-      devices' rows; every process makes the call, and an error on one is
-      raised on all. A quantised or adapted table is read whole, then
-      placed with `named_embed.shard`.
+      devices' share of each tensor (the rows, or the codes and scales of a
+      quantised table, a base and LoRA's ``A``; small tensors that the
+      rules replicate, such as ``B`` and trained rows, whole); every
+      process makes the call, and an error on one is raised on all.
     rules: Axis name -> mesh axis, with ``mesh``.
 
   Returns:
@@ -167,30 +151,70 @@ def load(
   >>> loaded.dtype, loaded.frozen, loaded.embeddings.label
   (dtype('float16'), False, 'tok.embeddings')
   """
-  from named_embed.formats import _compressed
-
   path = os.fspath(path)
-  compressed = _compressed.load_if_compressed(path, freeze)
-  if compressed is not None:  # a quantised or adapted table
-    if mesh is None:
-      return compressed
-    from named_embed.sharding import shard  # read whole, then placed
-
-    return shard(compressed, mesh, rules or {})
   return distributed_io.load(
-    lambda: distributed_io.open_saved(path, TENSOR_KEY, check=_check_marker),
-    lambda stored, rows: _table_from(rows, stored.metadata, path, freeze),
+    lambda: distributed_io.open_saved(
+      path, lambda metadata: _keys(metadata, path), _file_metadata.check_marker
+    ),
+    lambda stored, arrays: _table_of(stored, arrays, path, freeze),
+    _tensors,
     mesh=mesh,
     rules=rules,
     what=f"ne.load({path!r})",
   )
 
 
+# ----------------------------------------------------------- every kind
+
+
+def _tensors(table: Any) -> dict[str, Tensor]:
+  """The tensors ``table`` is stored as (see `_compressed.tensors`)."""
+  if isinstance(table, EmbeddingTable):
+    axes = (table.vocabulary_axis, *table.embedding_axes)
+    return {TENSOR_KEY: Tensor(axes, table.rows_array())}
+  if _compressed.handles(table):  # quantised, LoRA, trainable rows
+    return _compressed.tensors(table)
+  raise TypeError(
+    "save() writes an EmbeddingTable, QuantizedTable, LoraTable or"
+    f" TrainableRowsTable; got {type(table).__name__}."
+  )
+
+
+def _metadata(table: Any) -> dict[str, str]:
+  if isinstance(table, EmbeddingTable):
+    return {
+      **_file_metadata.table_metadata(table),
+      **_file_metadata.holder_metadata(table.embeddings),
+    }
+  return _compressed.metadata(table)
+
+
+def _keys(metadata: dict[str, Any], path: str) -> tuple[str, ...]:
+  """The tensors of a file, by the kind of table its metadata names."""
+  kind = metadata.get(_file_metadata.KIND_KEY)
+  if kind is None:
+    return (TENSOR_KEY,)
+  if kind not in _compressed.KINDS:
+    raise ValueError(
+      f"{path} holds a kind of table, {kind!r}, that this version of"
+      f" named_embed does not read (it reads plain tables and"
+      f" {_compressed.KINDS}). Upgrade named_embed to read it."
+    )
+  return _compressed.keys(metadata, path)
+
+
+def _table_of(stored, arrays, path: str, freeze: bool | None) -> Any:
+  metadata = next(iter(stored.values())).metadata
+  if metadata.get(_file_metadata.KIND_KEY) is None:
+    return _table_from(arrays[TENSOR_KEY], metadata, path, freeze)
+  return _compressed.build(arrays, metadata, path, freeze)
+
+
 def _table_from(
   rows: Any, metadata: dict[str, Any], path: str, freeze: bool | None
 ) -> EmbeddingTable:
   """The table of a file's rows and metadata (see `load`)."""
-  spec = parse_metadata(metadata, path)
+  spec = _file_metadata.parse_metadata(metadata, path)
   padded = spec["true_vocab_size"] is not None
   table = build_table(
     rows,
@@ -209,15 +233,10 @@ def _table_from(
       ).with_vocabulary(spec["vocabulary"])
     except ValueError as error:
       raise ValueError(f"{path}: {error}") from None
-  kind = spec["kind"]
-  if freeze is not None:
-    kind = "array" if freeze else "parameter"
-  if kind == "array":
-    return table
-  label = spec["label"] or "embeddings.embeddings"
-  return dataclasses.replace(
-    table, embeddings=_table_arrays.hold(kind, table.value, label)
+  embeddings = _file_metadata.held_as_saved(
+    table.value, metadata, "", freeze, "embeddings.embeddings"
   )
+  return dataclasses.replace(table, embeddings=embeddings)
 
 
 def from_safetensors(
@@ -293,8 +312,8 @@ def from_safetensors(
   """
   vocabulary = as_vocabulary(vocabulary)
 
-  def build(stored: stored_tensors.StoredTensor, rows: Any) -> EmbeddingTable:
-    source = stored.describe()
+  def build(stored, arrays) -> EmbeddingTable:
+    source, rows = stored[key].describe(), arrays[key]
     aligned = true_vocab_size is not None
     try:
       table = build_table(
@@ -315,121 +334,15 @@ def from_safetensors(
       )
     return table
 
+  def tensors_of(table: EmbeddingTable) -> dict[str, Tensor]:
+    axes = (table.vocabulary_axis, *table.embedding_axes)
+    return {key: Tensor(axes, table.rows_array())}
+
   return distributed_io.load(
-    lambda: stored_tensors.open_tensor(path, key),
+    lambda: stored_tensors.open_tensors(path, (key,)),
     build,
+    tensors_of,
     mesh=mesh,
     rules=rules,
     what=f"ne.from_safetensors({os.fspath(path)!r}, {key!r})",
   )
-
-
-# ------------------------------------------------------------------ reading
-
-
-def _check_marker(path: str, metadata: dict[str, str], keys: list[str]):
-  version = metadata.get("named_embed")
-  if version is None:
-    raise ValueError(
-      f"{path} is a safetensors file without named_embed metadata (it holds"
-      f" the tensors {available(keys)}), so `save` did not write it. To read"
-      " one tensor of a model checkpoint as a table, use"
-      " `from_safetensors(path, key=..., vocabulary=...)`."
-    )
-  if version != FORMAT_VERSION:
-    raise ValueError(
-      f"{path} uses named_embed file format version {version!r}; this"
-      f" version of named_embed reads version {FORMAT_VERSION!r}. Upgrade"
-      " named_embed to read it."
-    )
-
-
-# ----------------------------------------------------------------- metadata
-
-
-def _table_metadata(table: EmbeddingTable) -> dict[str, str]:
-  embeddings = table.embeddings
-  kind = _table_arrays.holder_kind(embeddings)
-  metadata = {
-    "named_embed": FORMAT_VERSION,
-    "vocabulary_axis": table.vocabulary_axis,
-    "embedding_axes": json.dumps(list(table.embedding_axes)),
-    "padding_index": json.dumps(table.padding_index),
-    "true_vocab_size": json.dumps(table.true_vocab_size),
-    "kind": kind,
-  }
-  if kind != "array":
-    metadata["label"] = embeddings.label
-  if table.vocabulary is not None:
-    metadata["vocabulary"] = json.dumps(
-      {
-        "tokens": list(table.vocabulary.tokens),
-        "roles": table.vocabulary.roles,
-      }
-    )
-  return metadata
-
-
-def parse_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
-  """The checked table fields of a file's metadata (axes, pad row,
-  alignment rows, vocabulary, holder kind and label); also read by the
-  files of compressed and adapted tables (`named_embed.formats._compressed`).
-
-  Raises:
-    ValueError: naming the corrupt field and the file.
-  """
-
-  def bad(field: str, why: str) -> ValueError:
-    shown = metadata.get(field)
-    shown = shown if shown is None or len(shown) < 80 else shown[:80] + "..."
-    return ValueError(
-      f"{path}: corrupt named_embed metadata: {field!r} {why}; got {shown!r}."
-    )
-
-  def field_json(field: str, default: Any = None) -> Any:
-    if field not in metadata:
-      return default
-    try:
-      return json.loads(metadata[field])
-    except json.JSONDecodeError:
-      raise bad(field, "is not valid JSON") from None
-
-  spec = {
-    "vocabulary_axis": metadata.get("vocabulary_axis"),
-    "embedding_axes": field_json("embedding_axes"),
-    "padding_index": field_json("padding_index"),
-    "true_vocab_size": field_json("true_vocab_size"),
-    "kind": metadata.get("kind", "array"),
-    "label": metadata.get("label"),
-  }
-  if not isinstance(spec["vocabulary_axis"], str):
-    raise bad("vocabulary_axis", "must be an axis name")
-  axes = spec["embedding_axes"]
-  if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
-    raise bad("embedding_axes", "must be a JSON list of axis names")
-  padding = spec["padding_index"]
-  if padding is not None and (type(padding) is not int):
-    raise bad("padding_index", "must be a JSON integer or null")
-  true_size = spec["true_vocab_size"]
-  if true_size is not None and (type(true_size) is not int or true_size < 1):
-    raise bad("true_vocab_size", "must be a positive JSON integer or null")
-  if spec["kind"] not in _KINDS:
-    raise bad("kind", f"must be one of {_KINDS}")
-  spec["vocabulary"] = _parse_vocabulary(field_json("vocabulary"), bad)
-  return spec
-
-
-def _parse_vocabulary(spec: Any, bad) -> Vocabulary | None:
-  if spec is None:
-    return None
-  tokens = spec.get("tokens") if isinstance(spec, dict) else None
-  roles = spec.get("roles", {}) if isinstance(spec, dict) else None
-  if not isinstance(tokens, list) or not isinstance(roles, dict):
-    raise bad("vocabulary", 'must be {"tokens": [...], "roles": {...}}')
-  unknown = sorted(set(roles) - set(SPECIAL_ROLES))
-  if unknown:
-    raise bad("vocabulary", f"has unknown roles {unknown}")
-  try:
-    return Vocabulary(tokens, **roles)
-  except ValueError as error:
-    raise bad("vocabulary", f"is not a valid vocabulary ({error})") from None

@@ -10,8 +10,16 @@ test compares: ``<scenario>.npz`` (arrays, from process 0) and
 The model functions (`build_table`, `forward`, `train`) also run in the
 test process on one device: they give the single-process reference.
 
-  python tests/multihost/worker.py --scenario init --process-id 0 \\
+  python tests/multihost/worker.py --scenario a --process-id 0 \\
       --processes 2 --devices 4 --port 12345 --workdir /tmp/run
+
+Without ``--process-id`` it launches the processes itself. The scenario
+``peak`` measures the peak host memory of ``ne.load(..., mesh=, rules=)``
+for a table of ``--table-mib`` MiB split over every device, and prints
+each process's figures (docs/sharding.md, "Across hosts")::
+
+  python tests/multihost/worker.py --scenario peak --processes 4 \\
+      --devices 2 --table-mib 512
 """
 
 from __future__ import annotations
@@ -134,6 +142,61 @@ def train(table, mesh, steps):
       values, state, loss = step(values, state, inputs, targets)
       losses.append(loss)
   return losses, pz.bind_variables(model_def, values)
+
+
+def compressed_tables():
+  """Quantised and adapted tables, with and without alignment rows, whose
+  every array holds distinct values (LoRA's A starts at zero otherwise).
+  The test writes them to files on one process; the scenarios load them
+  across processes, save them, and reload each other's saves."""
+  import jax
+  import ml_dtypes
+  import numpy as np
+  from penzai import pz
+
+  import named_embed as ne
+
+  rng = np.random.default_rng(5)
+  rows = rng.standard_normal((64, EMBED)).astype(np.float32)
+  vocab = ne.Vocabulary([f"t{i}" for i in range(VOCAB)], pad="t0")
+  padded = (  # 61 tokens and 3 alignment rows
+    ne.EmbeddingTable.from_pretrained(rows[:VOCAB])
+    .with_vocabulary(vocab)
+    .padded_to_multiple(PAD_MULTIPLE)
+  )
+  bf16 = ne.EmbeddingTable.from_pretrained(  # 64 tokens, no alignment rows
+    rows.astype(ml_dtypes.bfloat16), padding_index=0
+  )
+
+  def filled(table):
+    for param in pz.unbind_params(table)[1]:
+      value = param.value
+      shape = tuple(value.named_shape.values())
+      data = rng.standard_normal(shape).astype(value.dtype)
+      param.value = pz.nx.wrap(data, *value.named_shape)
+    return table
+
+  key = jax.random.key(3)
+  return {
+    "int8": padded.quantized("int8"),
+    "int4_g4": padded.quantized("int4", group_size=4),
+    "int4": bf16.quantized("int4"),
+    "lora_bf16": filled(bf16.with_lora(4, name="l", init_base_rng=key)),
+    "lora_int8": filled(
+      padded.quantized("int8").with_lora(
+        2, alpha=3.0, name="l", init_base_rng=key
+      )
+    ),
+    "rows": filled(padded.with_trainable_rows(["t3", "t40"], name="r")),
+  }
+
+
+def leaves(table):
+  """The arrays of a table, in a fixed order (parameters' values too)."""
+  import jax
+  from penzai import pz
+
+  return jax.tree.leaves(pz.freeze_params(table))
 
 
 # ------------------------------------------------------------ utilities
@@ -275,6 +338,9 @@ def scenario_a(args, arrays, notes):
   notes["reloaded_label"] = again.embeddings.label
   arrays["reloaded_model8"] = gather(again.rows_array())
   memory(args, notes, rows8)
+  compressed(
+    args, arrays, notes, "a", rows8, ROW_RULES, "compressed/{}.safetensors"
+  )
   failures(args, notes, rows8, trained)
 
 
@@ -305,6 +371,26 @@ def memory(args, notes, mesh):
     table.rows_array().block_until_ready()
   notes["whole_load"] = vars_of(whole)
   del table
+
+
+def compressed(args, arrays, notes, scenario, mesh, rules, source) -> None:
+  """Loads each compressed or adapted table from ``source`` on ``mesh``,
+  notes the regions each process read and the arrays' shardings, and saves
+  it to the directory ``<scenario>_<kind>``, every process its own blocks
+  (the test reads the saves back on one process)."""
+  import named_embed as ne
+
+  started = time.perf_counter()
+  for kind in compressed_tables():
+    path = os.path.join(args.workdir, source.format(kind))
+    with FilesRead() as read:
+      table = ne.load(path, mesh=mesh, rules=rules)
+    notes[f"{kind}_read"] = read.lines
+    notes[f"{kind}_type"] = type(table).__name__
+    notes[f"{kind}_dtypes"] = [str(leaf.dtype) for leaf in leaves(table)]
+    notes[f"{kind}_specs"] = [str(leaf.sharding.spec) for leaf in leaves(table)]
+    ne.save(table, os.path.join(args.workdir, f"{scenario}_{kind}"))
+  notes["compressed_seconds"] = time.perf_counter() - started
 
 
 def vars_of(measure: PeakMemory) -> dict:
@@ -384,9 +470,121 @@ def scenario_b(args, arrays, notes):
   notes["hf_spec"] = str(hf.rows_array().sharding.spec)
   notes["hf_padding_index"] = hf.padding_index
   arrays["hf_rows"] = gather(hf.rows_array())
+  compressed(args, arrays, notes, "b", mesh, RULES, "a_{}")
+  # the big table over all 8 devices: a quarter of it on each process
+  rows8 = jax.make_mesh((8,), ("model",))
+  with PeakMemory() as from_file:
+    table = ne.load(
+      os.path.join(args.workdir, "big.safetensors"), mesh=rows8, rules=ROW_RULES
+    )
+    table.rows_array().block_until_ready()
+  notes["file_load"] = vars_of(from_file)
+  del table
 
 
-SCENARIOS = {"a": scenario_a, "b": scenario_b}
+def scenario_peak(args, arrays, notes):
+  """The peak host memory of a load with a mesh over every device, of the
+  table file ``--workdir/peak-<MiB>.safetensors`` (see `launch_peak`)."""
+  import jax
+  import numpy as np
+
+  import named_embed as ne
+
+  mesh = jax.make_mesh((jax.device_count(),), ("model",))
+  path = os.path.join(args.workdir, f"peak-{args.table_mib}.safetensors")
+  warm = os.path.join(args.workdir, f"warm-{args.process_id}.safetensors")
+  small = np.ones((jax.device_count(), 4), np.float32)  # compiles, caches
+  ne.save(ne.EmbeddingTable.from_pretrained(small), warm)
+  ne.load(warm, mesh=mesh, rules=ROW_RULES).rows_array().block_until_ready()
+  with PeakMemory() as load:
+    table = ne.load(path, mesh=mesh, rules=ROW_RULES)
+    table.rows_array().block_until_ready()
+  notes["load"] = vars_of(load)
+  notes["share"] = sum(
+    s.data.nbytes for s in table.rows_array().addressable_shards
+  )
+  del table
+  with PeakMemory() as whole:  # for contrast: every process the whole table
+    table = ne.load(path)
+    table.rows_array().block_until_ready()
+  notes["whole_load"] = vars_of(whole)
+
+
+def launch_peak(args) -> None:
+  """Writes the table file if missing, runs `scenario_peak` in
+  ``--processes`` local processes, and prints their figures."""
+  import contextlib
+  import socket
+  import subprocess
+  import tempfile
+
+  import numpy as np
+
+  import named_embed as ne
+
+  workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="peak-"))
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / f"peak-{args.table_mib}.safetensors"
+  dim = 1024
+  rows = args.table_mib * (1 << 20) // (4 * dim)
+  if not path.exists():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((rows, dim), np.float32)
+    ne.save(ne.EmbeddingTable.from_pretrained(table), path)
+    del table
+  with contextlib.closing(socket.socket()) as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MALLOC_MMAP_THRESHOLD_="65536")
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        __file__,
+        "--scenario",
+        "peak",
+        "--process-id",
+        str(p),
+        "--processes",
+        str(args.processes),
+        "--devices",
+        str(args.devices),
+        "--port",
+        str(port),
+        "--workdir",
+        str(workdir),
+        "--table-mib",
+        str(args.table_mib),
+      ],  # fmt: skip
+      env=env,
+    )
+    for p in range(args.processes)
+  ]
+  codes = [proc.wait() for proc in procs]
+  if codes != [0] * len(codes):
+    sys.exit(f"processes exited with {codes}")
+  MiB = 1 << 20
+  print(
+    f"ne.load of a {args.table_mib} MiB float32 table ({rows} x {dim}),"
+    f" {args.processes} processes x {args.devices} CPU devices, the"
+    " vocabulary over all devices; growth over the resident memory before"
+    " the load, in MiB:"
+  )
+  print(
+    "process  share  peak (VmHWM)  peak RssAnon (sampled)  retained"
+    "  | without a mesh: peak  retained"
+  )
+  for p in range(args.processes):
+    notes = json.loads((workdir / f"peak-{p}.json").read_text())
+    load, whole = notes["load"], notes["whole_load"]
+    print(
+      f"{p:7d}  {notes['share'] / MiB:5.0f}  {load['resident_at_peak'] / MiB:12.1f}"
+      f"  {load['grew_at_peak'] / MiB:22.1f}  {load['grew'] / MiB:8.1f}"
+      f"  | {whole['resident_at_peak'] / MiB:20.1f}  {whole['grew'] / MiB:8.1f}"
+    )
+
+
+SCENARIOS = {"a": scenario_a, "b": scenario_b, "peak": scenario_peak}
 
 
 # ------------------------------------------------------------ main
@@ -433,14 +631,20 @@ def wait_for_coordinator(host, port, timeout, args) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--scenario", choices=("a", "b", "join"), required=True)
-  parser.add_argument("--process-id", type=int, required=True)
+  parser.add_argument("--scenario", choices=(*SCENARIOS, "join"), required=True)
+  parser.add_argument("--process-id", type=int)
   parser.add_argument("--processes", type=int, required=True)
   parser.add_argument("--devices", type=int, required=True)
-  parser.add_argument("--port", type=int, required=True)
-  parser.add_argument("--workdir", type=pathlib.Path, required=True)
+  parser.add_argument("--port", type=int)
+  parser.add_argument("--workdir", type=pathlib.Path)
   parser.add_argument("--init-timeout", type=int, default=60)
+  parser.add_argument("--table-mib", type=int, default=512)
   args = parser.parse_args()
+  if args.process_id is None:
+    if args.scenario != "peak":
+      parser.error("without --process-id, only --scenario peak runs")
+    launch_peak(args)
+    return
   started = time.perf_counter()
   initialize(args)
   import numpy as np
