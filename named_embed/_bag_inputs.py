@@ -38,7 +38,13 @@ class Options:
 
 @functools.lru_cache(maxsize=256, typed=True)
 def options(
-  mode, out_of_range, max_norm, norm_type, scale_grad_by_freq, chunk_size
+  mode,
+  out_of_range,
+  max_norm,
+  norm_type,
+  scale_grad_by_freq,
+  chunk_size,
+  dtype=None,
 ) -> Options:
   """Validates the options once per distinct combination.
 
@@ -46,11 +52,11 @@ def options(
     ValueError: for an unknown ``mode`` or ``out_of_range``, a negative
       ``max_norm``, ``chunk_size < 1``, or ``scale_grad_by_freq`` with
       ``"max"``.
-    TypeError: for options of the wrong type.
+    TypeError: for options of the wrong type (``dtype`` not a float dtype).
   """
   mode = check_choice("mode", mode, _pooling.MODES)
   rows = _gather.row_policy(
-    out_of_range, max_norm, norm_type, scale_grad_by_freq
+    out_of_range, max_norm, norm_type, scale_grad_by_freq, dtype
   )
   if rows.scale_grad_by_freq and mode == "max":
     raise ValueError(

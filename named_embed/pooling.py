@@ -23,13 +23,13 @@ from named_embed import (
   _pooled_kernel,
   _pooling,
   _table_arrays,
+  _table_kind,
 )
 from named_embed._validation import check_bool, resolve_padding_index
-from named_embed.table import EmbeddingTable
 
 
 def pooled_lookup(
-  table: EmbeddingTable,
+  table: _table_kind.AbstractTable,
   tokens: pz.nx.NamedArrayBase | jax.typing.ArrayLike,
   *,
   over: str | None = None,
@@ -43,6 +43,7 @@ def pooled_lookup(
   norm_type: float = 2.0,
   scale_grad_by_freq: bool = False,
   chunk_size: int | None = None,
+  dtype: jax.typing.DTypeLike | None = None,
 ) -> pz.nx.NamedArray:
   """Pools the rows of each bag of ids: torch's ``F.embedding_bag``, by name.
 
@@ -141,8 +142,15 @@ def pooled_lookup(
   >>> out.named_shape, out.untag("bag", "embedding").unwrap().tolist()
   ({'bag': 3, 'embedding': 2}, [[5.0, 6.0], [0.0, 0.0], [7.0, 10.0]])
   """
+  _table_kind.check_table(table, "ne.pooled_lookup")
   options = _bag_inputs.options(
-    mode, out_of_range, max_norm, norm_type, scale_grad_by_freq, chunk_size
+    mode,
+    out_of_range,
+    max_norm,
+    norm_type,
+    scale_grad_by_freq,
+    chunk_size,
+    dtype,
   )
   if over is None and offsets is None:
     raise TypeError(
@@ -181,41 +189,23 @@ def _fixed(tokens, over, weights, options: _bag_inputs.Options, caller: str):
 
 
 def _pooled(
-  table: EmbeddingTable,
+  table: Any,
   bags: _bag_inputs.Bags,
   options: _bag_inputs.Options,
   include_last_offset: bool,
   caller: str,
 ) -> pz.nx.NamedArray:
-  """Runs the cached kernel of ``bags``' static configuration."""
-  if not isinstance(table, EmbeddingTable):
-    extra = ""
-    if hasattr(table, "row_parts"):
-      extra = " Compressed and adapted tables are not supported by pooled"
-      extra += " lookups yet."
-    raise TypeError(
-      f"named_embed.{caller} pools the rows of an EmbeddingTable; got"
-      f" {type(table).__name__}.{extra}"
-    )
-  value, frozen = _table_arrays.value_and_frozen(table.embeddings)
-  if value is None:
-    value = table.value  # raises: unbound
-  shape = value.named_shape
-  vocab_size = table.true_vocab_size or shape[table.vocabulary_axis]
-  policy = options.rows.out_of_range
-  if policy == "error" and isinstance(bags.offsets, jax.core.Tracer):
-    runtime_check = True  # which ids are in a bag is known at run time only
-  else:
-    runtime_check = _out_of_range.needs_runtime_check(
-      policy, bags.ids, vocab_size, bags.checked
-    )
+  """Runs the cached kernel of ``bags``' static configuration on any kind
+  of table (its row source: ``table.row_parts()``)."""
+  source, arrays = table.row_parts()
+  runtime_check = _runtime_check(bags, options, table.vocab_size)
   plan = _plan(
     options,
+    source,
     table.vocabulary_axis,
-    tuple(shape.items()),
+    tuple(table.embedding_axes.items()),
     table.true_vocab_size,
     table.padding_index,
-    frozen,
     table.rows_sharding,
     bags.token_axes,
     tuple(bags.ids.shape),
@@ -225,9 +215,20 @@ def _pooled(
     runtime_check,
     caller,
   )
-  pooled = plan.kernel(table.rows_array(), bags.ids, bags.weights, bags.offsets)
+  pooled = plan.kernel(arrays, bags.ids, bags.weights, bags.offsets)
   axes = collections.OrderedDict((*bags.out_axes.items(), *plan.embedding))
   return _named.wrap_named(pooled, axes)
+
+
+def _runtime_check(bags, options, vocab_size: int) -> bool:
+  """Whether ``"error"`` checks the ids inside the kernel (concrete ids in
+  a bag are checked now, raising `IndexError`)."""
+  policy = options.rows.out_of_range
+  if policy == "error" and isinstance(bags.offsets, jax.core.Tracer):
+    return True  # which ids are in a bag is known at run time only
+  return _out_of_range.needs_runtime_check(
+    policy, bags.ids, vocab_size, bags.checked
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,11 +243,11 @@ class _Plan:
 @functools.lru_cache(maxsize=1024)
 def _plan(
   options: _bag_inputs.Options,
+  source: Any,
   vocabulary_axis: str,
-  table_axes: tuple[tuple[str, int], ...],
+  embedding_axes: tuple[tuple[str, int], ...],
   true_vocab_size: int | None,
   padding_index: int | None,
-  frozen: bool,
   rows_sharding: Any,
   token_axes: tuple[str, ...],
   ids_shape: tuple[int, ...],
@@ -257,18 +258,19 @@ def _plan(
   caller: str,
 ) -> _Plan:
   """Checks the axis names and builds the kernel, once per configuration."""
-  sizes = dict(table_axes)
-  num_rows = sizes.pop(vocabulary_axis)
+  num_rows = source.num_rows
   _table_arrays.check_bound_rows(true_vocab_size, num_rows)
   _named.check_no_clash(
-    f"named_embed.{caller}", token_axes, (vocabulary_axis, *sizes)
+    f"named_embed.{caller}",
+    token_axes,
+    (vocabulary_axis, *dict(embedding_axes)),
   )
   rows = dataclasses.replace(
     options.rows,
     padding_index=resolve_padding_index(
       padding_index, true_vocab_size or num_rows
     ),
-    frozen=frozen,
+    frozen=not any(source.trainable),
     runtime_check=runtime_check,
     vocab_size=true_vocab_size,
     rows_sharding=rows_sharding,
@@ -278,12 +280,13 @@ def _plan(
   else:
     members = ids_shape[member_dim]
     bags, num_bags = max(1, math.prod(out_shape)), None
-  features = math.prod(sizes.values())
+  features = math.prod(source.row_shape)
   chunk = options.chunk_size or _pooling.default_chunk_size(
     bags, members, features
   )
   policy = _pooling.PoolPolicy(
     rows=rows,
+    source=source,
     mode=options.mode,
     chunk_size=max(1, min(chunk, members)),
     num_bags=num_bags,
@@ -292,7 +295,7 @@ def _plan(
   kernel = _pooled_kernel.compile_pool(
     policy, member_dim, out_shape, f"named_embed.{caller}"
   )
-  return _Plan(kernel, tuple(sizes.items()))
+  return _Plan(kernel, embedding_axes)
 
 
 @pz.pytree_dataclass
@@ -341,7 +344,7 @@ class EmbeddingBag(pz.nn.Layer):
     chunk_size: Members read per step, or None for the default.
   """
 
-  table: EmbeddingTable
+  table: _table_kind.AbstractTable
   over: str = dataclasses.field(metadata={"pytree_node": False})
   mode: str = dataclasses.field(default="mean", metadata={"pytree_node": False})
   out_of_range: str = dataclasses.field(
@@ -362,8 +365,10 @@ class EmbeddingBag(pz.nn.Layer):
   chunk_size: int | None = dataclasses.field(
     default=None, metadata={"pytree_node": False}
   )
+  dtype: Any = dataclasses.field(default=None, metadata={"pytree_node": False})
 
   def __post_init__(self):
+    _table_kind.check_table(self.table, "EmbeddingBag")
     options = self.options  # validates
     _bag_inputs.check_axis_name("over", self.over)
     if self.weights_input_name is not None:
@@ -380,6 +385,7 @@ class EmbeddingBag(pz.nn.Layer):
       self.norm_type,
       self.scale_grad_by_freq,
       self.chunk_size,
+      self.dtype,
     )
 
   def __call__(
