@@ -59,6 +59,14 @@ def pooled_lookup(
   512 ids of 1024 floats, 1/30 of the temporary memory of
   ``jnp.take(...).sum(axis)``, and faster; see ``docs/performance.md``).
 
+  Every kind of table pools: a plain `EmbeddingTable`, a `QuantizedTable`
+  (int8 or int4: each chunk's rows are dequantised as they are read, the
+  float table is never built), a `LoraTable` and a `TrainableRowsTable`.
+  Values and gradients are those of the pooled lookup of the rows as the
+  table reads them (its ``dequantized()`` or ``merged()`` float table):
+  the gradient reaches what trains (a trainable plain table's rows, LoRA's
+  ``A`` and ``B``, the trained rows), never a frozen base.
+
   Semantics (torch's, with its bugs fixed):
 
   - ``"sum"``, ``"mean"`` or ``"max"`` (per feature) of the kept members.
@@ -70,7 +78,8 @@ def pooled_lookup(
   - ``"max"``: the gradient of each feature goes to the first member of
     the bag holding the maximum.
   - Sums are accumulated in float32 (bf16 tables too); the result has the
-    table's dtype.
+    table's dtype, or ``dtype``: each member's row is cast to it as it is
+    read (as `named_embed.lookup` casts rows), then pooled.
   - Out-of-range ids follow ``out_of_range`` as in `named_embed.lookup`:
     under ``"fill"`` a bag holding one is NaN (as a NaN row makes a sum or
     a max NaN) and sends no gradient; ``"clip"`` and ``"wrap"`` read the
@@ -111,15 +120,18 @@ def pooled_lookup(
       ``"max"``).
     chunk_size: Members read per step; None picks one that keeps a chunk's
       float32 rows near 4 MiB.
+    dtype: Cast each member's row (never the whole table) to this floating
+      dtype before pooling; the result has it. None: the table's dtype.
 
   Returns:
     A `NamedArray`: the bag axes (the token axes but ``over``, or
     ``bag_axis``) followed by the table's embedding axes.
 
   Raises:
-    TypeError: for a ``table`` that is not an `EmbeddingTable`,
-      non-integer ids or offsets, non-floating weights, fixed-size tokens
-      that are not a `NamedArray`, or neither ``over`` nor ``offsets``.
+    TypeError: for a ``table`` that is not a named_embed table (the message
+      names what was given), non-integer ids or offsets, non-floating
+      weights, a non-floating ``dtype``, fixed-size tokens that are not a
+      `NamedArray`, or neither ``over`` nor ``offsets``.
     ValueError: for an unknown ``mode``, ``weights`` without ``"sum"``,
       ``scale_grad_by_freq`` with ``"max"``, an ``over`` that is not a
       token axis, axis names clashing with the table's, bad offsets, or
@@ -177,9 +189,7 @@ def pooled_lookup(
     bags = _bag_inputs.ragged_bags(
       tokens, offsets, weights, include_last_offset, bag_axis, "pooled_lookup"
     )
-  return _pooled(
-    table, bags, options, bool(include_last_offset), "pooled_lookup"
-  )
+  return _pooled(table, bags, options, "pooled_lookup")
 
 
 def _fixed(tokens, over, weights, options: _bag_inputs.Options, caller: str):
@@ -192,13 +202,18 @@ def _pooled(
   table: Any,
   bags: _bag_inputs.Bags,
   options: _bag_inputs.Options,
-  include_last_offset: bool,
   caller: str,
 ) -> pz.nx.NamedArray:
   """Runs the cached kernel of ``bags``' static configuration on any kind
-  of table (its row source: ``table.row_parts()``)."""
+  of table (its row source: ``table.row_parts()``).
+
+  The hot path of every eager call: it reads the table's parts, builds the
+  plan's cache key from static facts, and calls the cached kernel.
+  """
   source, arrays = table.row_parts()
-  runtime_check = _runtime_check(bags, options, table.vocab_size)
+  runtime_check = options.rows.out_of_range == "error" and _runtime_check(
+    bags, table.vocab_size
+  )
   plan = _plan(
     options,
     source,
@@ -207,37 +222,32 @@ def _pooled(
     table.true_vocab_size,
     table.padding_index,
     table.rows_sharding,
-    bags.token_axes,
+    bags.layout,
     tuple(bags.ids.shape),
-    bags.member_dim,
-    bags.out_shape,
-    include_last_offset,
     runtime_check,
     caller,
   )
   pooled = plan.kernel(arrays, bags.ids, bags.weights, bags.offsets)
-  axes = collections.OrderedDict((*bags.out_axes.items(), *plan.embedding))
-  return _named.wrap_named(pooled, axes)
+  return _named.wrap_named(pooled, plan.output_axes)
 
 
-def _runtime_check(bags, options, vocab_size: int) -> bool:
-  """Whether ``"error"`` checks the ids inside the kernel (concrete ids in
-  a bag are checked now, raising `IndexError`)."""
-  policy = options.rows.out_of_range
-  if policy == "error" and isinstance(bags.offsets, jax.core.Tracer):
+def _runtime_check(bags: _bag_inputs.Bags, vocab_size: int) -> bool:
+  """Under ``"error"``: whether the kernel checks the ids (concrete ids
+  in a bag are checked now, raising `IndexError`)."""
+  if isinstance(bags.offsets, jax.core.Tracer):
     return True  # which ids are in a bag is known at run time only
   return _out_of_range.needs_runtime_check(
-    policy, bags.ids, vocab_size, bags.checked
+    "error", bags.ids, vocab_size, bags.checked
   )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """The jitted kernel of one static configuration, and the table's
-  embedding axes (names and sizes, in storage order)."""
+  """What a pooled lookup call needs beyond its arrays, built once per
+  static configuration: the jitted kernel and the output's axis names."""
 
   kernel: Any
-  embedding: tuple[tuple[str, int], ...]
+  output_axes: collections.OrderedDict  # shared by results; never mutated
 
 
 @functools.lru_cache(maxsize=1024)
@@ -249,20 +259,20 @@ def _plan(
   true_vocab_size: int | None,
   padding_index: int | None,
   rows_sharding: Any,
-  token_axes: tuple[str, ...],
+  layout: tuple,
   ids_shape: tuple[int, ...],
-  member_dim: int | None,
-  out_shape: tuple[int, ...],
-  include_last_offset: bool,
   runtime_check: bool,
   caller: str,
 ) -> _Plan:
-  """Checks the axis names and builds the kernel, once per configuration."""
+  """Checks what can be checked once (the bags' axes against the table's)
+  and builds the kernel for one static configuration: every later call
+  with the same configuration costs one cache lookup."""
+  bags = _bag_inputs.bag_layout(layout, ids_shape, caller)
   num_rows = source.num_rows
   _table_arrays.check_bound_rows(true_vocab_size, num_rows)
   _named.check_no_clash(
     f"named_embed.{caller}",
-    token_axes,
+    bags.token_axes,
     (vocabulary_axis, *dict(embedding_axes)),
   )
   rows = dataclasses.replace(
@@ -275,14 +285,14 @@ def _plan(
     vocab_size=true_vocab_size,
     rows_sharding=rows_sharding,
   )
-  if member_dim is None:  # ragged: all ids are members of one "row"
-    bags, members, num_bags = 1, ids_shape[0], out_shape[0]
+  if bags.member_dim is None:  # ragged: all ids are members of one "row"
+    num_bags = bags.out_shape[0]
+    members, bag_count = ids_shape[0], 1
   else:
-    members = ids_shape[member_dim]
-    bags, num_bags = max(1, math.prod(out_shape)), None
-  features = math.prod(source.row_shape)
+    members, num_bags = ids_shape[bags.member_dim], None
+    bag_count = max(1, math.prod(bags.out_shape))
   chunk = options.chunk_size or _pooling.default_chunk_size(
-    bags, members, features
+    bag_count, members, math.prod(source.row_shape)
   )
   policy = _pooling.PoolPolicy(
     rows=rows,
@@ -290,12 +300,15 @@ def _plan(
     mode=options.mode,
     chunk_size=max(1, min(chunk, members)),
     num_bags=num_bags,
-    include_last_offset=include_last_offset,
+    include_last_offset=bags.include_last_offset,
   )
   kernel = _pooled_kernel.compile_pool(
-    policy, member_dim, out_shape, f"named_embed.{caller}"
+    policy, bags.member_dim, bags.out_shape, f"named_embed.{caller}"
   )
-  return _Plan(kernel, embedding_axes)
+  output_axes = collections.OrderedDict(
+    (*bags.out_axes.items(), *embedding_axes)
+  )
+  return _Plan(kernel, output_axes)
 
 
 @pz.pytree_dataclass
@@ -311,7 +324,9 @@ class EmbeddingBag(pz.nn.Layer):
   `named_embed.pooled_lookup` for the semantics of every option; ragged
   bags with offsets are the function's). The table is a field, as in
   `EmbeddingLookup`: pass the same table to an `EmbeddingDecode` to tie
-  them (one parameter, whose gradient sums both uses).
+  them (one parameter, whose gradient sums both uses). The table may be
+  of any kind (plain, quantised, LoRA, trained rows; checked when the
+  layer is built): a bag over a `LoraTable` trains its adapters.
 
   Per-member weights (``mode="sum"``) come as a side input: set
   ``weights_input_name`` and pass ``layer(tokens, **{name: weights})``, as
@@ -328,9 +343,11 @@ class EmbeddingBag(pz.nn.Layer):
   >>> ids = pz.nx.wrap(np.array([[5, 7, 0], [3, 0, 0]])).tag("batch", "member")
   >>> layer(ids).named_shape
   {'batch': 2, 'embedding': 8}
+  >>> ne.EmbeddingBag(table.quantized("int8"), over="member")(ids).named_shape
+  {'batch': 2, 'embedding': 8}
 
   Attributes:
-    table: The embedding table.
+    table: The embedding table (any kind).
     over: The token axis holding each bag's members.
     mode: ``"mean"`` (default), ``"sum"`` or ``"max"``.
     out_of_range: ``"fill"`` (default), ``"clip"``, ``"wrap"`` or
@@ -342,6 +359,8 @@ class EmbeddingBag(pz.nn.Layer):
     weights_input_name: Name of the side input holding per-member weights
       (``"sum"`` only), or None for none.
     chunk_size: Members read per step, or None for the default.
+    dtype: Dtype of the member rows and the result, or None for the
+      table's.
   """
 
   table: _table_kind.AbstractTable
@@ -413,4 +432,4 @@ class EmbeddingBag(pz.nn.Layer):
       weights = side_inputs[name]
     options = self.options
     bags = _bag_inputs.fixed_bags(tokens, self.over, weights, "EmbeddingBag")
-    return _pooled(self.table, bags, options, False, "EmbeddingBag")
+    return _pooled(self.table, bags, options, "EmbeddingBag")
