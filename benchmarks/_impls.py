@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _harness import Impl
+from flax import nnx
 from penzai import pz
 
 import named_embed as ne
@@ -54,9 +55,49 @@ def pz_table(w) -> pz.nn.EmbeddingTable:
 
 
 def flax_embed(w):
-  """``(module, variables)`` of a flax ``nn.Embed`` holding ``w``."""
+  """``(module, variables)`` of a flax linen ``nn.Embed`` holding ``w``."""
   module = nn.Embed(w.shape[0], w.shape[1], dtype=w.dtype, param_dtype=w.dtype)
   return module, {"params": {"embedding": w}}
+
+
+def nnx_embed(w):
+  """A flax nnx ``nnx.Embed`` holding ``w`` (called eagerly, it is a plain
+  function of its own state: no ``apply``)."""
+  module = nnx.Embed(
+    w.shape[0], w.shape[1], dtype=w.dtype, param_dtype=w.dtype,
+    rngs=nnx.Rngs(0),
+  )  # fmt: skip
+  module.embedding.value = w
+  return module
+
+
+KINDS = ("float", "int8", "int4", "lora", "trainable_rows")
+"""The kinds of named_embed table the eager section times."""
+
+
+def ne_kind(w, kind: str):
+  """A frozen table of ``w`` of ``kind`` (LoRA of rank 4 with a non-zero
+  ``A``; rows 0-7 trainable), and its rows as read (numpy)."""
+  base = ne_table(w)
+  if kind == "float":
+    table = base
+  elif kind == "int8":
+    table = base.quantized("int8")
+  elif kind == "int4":
+    table = base.quantized("int4", group_size=8)
+  elif kind == "trainable_rows":
+    table = base.with_trainable_rows(list(range(8)), name="r")
+  else:
+    table = base.with_lora(4, 4.0, name="e", init_base_rng=jax.random.key(0))
+    a = np.random.default_rng(3).normal(size=(w.shape[0], 4)) / 8
+    table.lora_a.value = named(jnp.asarray(a, w.dtype), "vocabulary", "rank")
+  table = pz.freeze_params(table)
+  if isinstance(table, ne.EmbeddingTable):
+    rows = table.rows_array()
+  else:
+    rows = getattr(table, "merged", None) or table.dequantized
+    rows = rows().rows_array()
+  return table, np.asarray(rows, np.float32)
 
 
 def named(x, *axes) -> pz.nx.NamedArray:

@@ -18,14 +18,18 @@ from _harness import (
   time_rounds,
 )
 from _impls import (
+  KINDS,
   TOKEN_AXES,
   f32,
   flax_embed,
   jit_thunk,
   named,
+  ne_kind,
   ne_table,
+  nnx_embed,
   pz_table,
 )
+from flax import nnx
 from penzai import pz
 
 import named_embed as ne
@@ -43,26 +47,73 @@ def tiny_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def eager_lookup_case(w, ids) -> Case:
+  """Eager tiny lookups: raw JAX, every kind of named_embed table, flax
+  (linen through ``Module.apply``, and nnx called as is) and penzai."""
   module, variables = flax_embed(w)
+  nnx_module = nnx_embed(w)
   tokens = named(ids, *TOKEN_AXES)
   ne_layer = ne.EmbeddingLookup(ne_table(w))
   pz_layer = pz.nn.EmbeddingLookup(pz_table(w))
   unwrap = lambda out: out.unwrap(*TOKEN_AXES, "embedding")  # noqa: E731
+  kinds = []
+  for kind in KINDS[1:]:
+    table, rows = ne_kind(w, kind)
+    kinds.append(
+      Impl(
+        f"ne.lookup {kind}",
+        lambda table=table: ne.lookup(table, tokens),
+        to_numpy=unwrap,
+        expected=lambda _, rows=rows: rows[np.asarray(ids)],
+      )
+    )
   return Case(
     f"lookup eager: {TINY_TOKENS} tokens, V={TINY_V} D={TINY_D}",
     [
       Impl("raw_take", lambda: jnp.take(w, ids, axis=0)),
       Impl("named_embed", lambda: ne_layer(tokens), to_numpy=unwrap),
       Impl("ne.lookup", lambda: ne.lookup(ne_layer.table, tokens), unwrap),
-      Impl("flax", lambda: module.apply(variables, ids)),
+      *kinds,
+      Impl("flax linen (Module.apply)", lambda: module.apply(variables, ids)),
+      Impl("flax nnx (Embed)", lambda: nnx_module(ids)),
       Impl("penzai", lambda: pz_layer(tokens), to_numpy=unwrap),
       Impl("jitted raw_take (floor)", jit_thunk(_take, w, ids)),
     ],
   )
 
 
+def eager_pooled_case(w, ids) -> Case:
+  """Eager tiny pooled lookups (one bag of 4 ids, mean): raw take-then-mean
+  and every kind of named_embed table."""
+  bags = named(ids, "batch", "member")
+  unwrap = lambda out: out.unwrap("batch", "embedding")  # noqa: E731
+  table = ne_table(w)
+  layer = ne.EmbeddingBag(table, over="member")
+  kinds = []
+  for kind in KINDS:
+    table, rows = ne_kind(w, kind)
+    kinds.append(
+      Impl(
+        f"ne.pooled_lookup {kind}",
+        lambda table=table: ne.pooled_lookup(table, bags, over="member"),
+        to_numpy=unwrap,
+        expected=lambda _, rows=rows: rows[np.asarray(ids)].mean(axis=1),
+      )
+    )
+  return Case(
+    f"pooled lookup eager (mean): 1 bag of {TINY_TOKENS}, V={TINY_V}"
+    f" D={TINY_D}",
+    [
+      Impl("raw_take_mean", lambda: _take_mean(w, ids)),
+      Impl("ne.EmbeddingBag", lambda: layer(bags), to_numpy=unwrap),
+      *kinds,
+      Impl("jitted raw_take_mean (floor)", jit_thunk(_take_mean, w, ids)),
+    ],
+  )
+
+
 def eager_decode_case(w, h) -> Case:
   module, variables = flax_embed(w)
+  nnx_module = nnx_embed(w)
   hidden = named(h, "tokens", "embedding")
   ne_layer = ne.EmbeddingDecode(ne_table(w))
   pz_layer = pz.nn.EmbeddingDecode(pz_table(w))
@@ -73,15 +124,26 @@ def eager_decode_case(w, h) -> Case:
       Impl("raw_einsum", lambda: jnp.einsum("nd,vd->nv", h, w), f32),
       Impl("named_embed", lambda: ne_layer(hidden), to_numpy=unwrap),
       Impl(
-        "flax",
+        "flax linen (Module.apply)",
         lambda: module.apply(variables, h, method="attend"),
         to_numpy=f32,
       ),
+      Impl("flax nnx (Embed.attend)", lambda: nnx_module.attend(h), f32),
       Impl("penzai", lambda: pz_layer(hidden), to_numpy=unwrap),
       Impl("jitted raw_einsum (floor)", jit_thunk(_einsum, h, w), f32),
     ],
     tol=1e-5,
   )
+
+
+def _take_mean(w, ids):
+  return jnp.take(w, ids, axis=0).mean(axis=1)
+
+
+def _nnx_call(graphdef, state, ids):
+  """An nnx module called under `jax.jit` as nnx's docs show it: rebuilt
+  from its graph definition and state."""
+  return nnx.merge(graphdef, state)(ids)
 
 
 def _take(w, ids):
@@ -112,7 +174,11 @@ def dispatch_case(w, ids) -> Case:
         jit_thunk(ne_named, ne_table(w), tokens),
         to_numpy=unwrap,
       ),
-      Impl("flax", jit_thunk(module.apply, variables, ids)),
+      Impl("flax linen (apply)", jit_thunk(module.apply, variables, ids)),
+      Impl(
+        "flax nnx (split/merge)",
+        jit_thunk(_nnx_call, *nnx.split(nnx_embed(w)), ids),
+      ),
       Impl(
         "penzai -> NamedArray",
         jit_thunk(pz_fn, pz.nn.EmbeddingLookup(pz_table(w)), tokens),

@@ -248,6 +248,7 @@ def section_eager(cfg, args) -> list[dict]:
   rows = []
   for case in (
     _overhead.eager_lookup_case(w, ids),
+    _overhead.eager_pooled_case(w, ids),
     _overhead.eager_decode_case(w, h),
   ):
     rows += _overhead.run_blocks(case, args.rounds_for("eager"), cfg.block)

@@ -38,7 +38,13 @@ class Options:
 
 @functools.lru_cache(maxsize=256, typed=True)
 def options(
-  mode, out_of_range, max_norm, norm_type, scale_grad_by_freq, chunk_size
+  mode,
+  out_of_range,
+  max_norm,
+  norm_type,
+  scale_grad_by_freq,
+  chunk_size,
+  dtype=None,
 ) -> Options:
   """Validates the options once per distinct combination.
 
@@ -46,11 +52,11 @@ def options(
     ValueError: for an unknown ``mode`` or ``out_of_range``, a negative
       ``max_norm``, ``chunk_size < 1``, or ``scale_grad_by_freq`` with
       ``"max"``.
-    TypeError: for options of the wrong type.
+    TypeError: for options of the wrong type (``dtype`` not a float dtype).
   """
   mode = check_choice("mode", mode, _pooling.MODES)
   rows = _gather.row_policy(
-    out_of_range, max_norm, norm_type, scale_grad_by_freq
+    out_of_range, max_norm, norm_type, scale_grad_by_freq, dtype
   )
   if rows.scale_grad_by_freq and mode == "max":
     raise ValueError(
@@ -78,7 +84,8 @@ def check_weights_mode(weights: Any, mode: str) -> None:
 
 
 class Bags(NamedTuple):
-  """A pooled lookup's arrays in the kernel's layout.
+  """A pooled lookup's arrays in the kernel's layout, and its static
+  layout.
 
   Attributes:
     ids: Integer ids: the tokens' data (positional axes first), or the flat
@@ -88,31 +95,82 @@ class Bags(NamedTuple):
       ``include_last_offset``, where the last ends); else None.
     checked: Which ids are in a bag (ids after the last offset are not),
       or None for all.
-    member_dim: Fixed-size bags: the dimension of ``ids`` holding the
-      members; None for ragged bags.
-    out_shape: Shape of the pooled result before the embedding axes.
-    out_axes: Named axes of the result before the embedding axes.
-    token_axes: Named axes of the tokens (checked against the table's).
+    layout: The static facts of the bags (hashable: part of the per-call
+      plan's key), read by `bag_layout`: ``("fixed", over, named token
+      axes, ids shape)`` or ``("ragged", bag_axis, num_bags,
+      include_last_offset)``.
   """
 
   ids: Any
   weights: Any
   offsets: Any
   checked: Any
+  layout: tuple
+
+
+class BagLayout(NamedTuple):
+  """What the static layout of some bags (`Bags.layout`) means.
+
+  Attributes:
+    member_dim: Fixed-size bags: the dimension of ``ids`` holding the
+      members; None for ragged bags.
+    out_shape: Shape of the pooled result before the embedding axes.
+    out_axes: Named axes of the result before the embedding axes.
+    token_axes: Named axes of the tokens (checked against the table's).
+    include_last_offset: Ragged bags: the last offset ends the last bag.
+  """
+
   member_dim: int | None
   out_shape: tuple[int, ...]
   out_axes: collections.OrderedDict
   token_axes: tuple[str, ...]
+  include_last_offset: bool
+
+
+def bag_layout(layout: tuple, ids_shape: tuple[int, ...], caller: str):
+  """The `BagLayout` of ``Bags.layout`` (once per plan).
+
+  Raises:
+    ValueError: if ``over`` is not an axis of the tokens.
+  """
+  if layout[0] == "ragged":
+    _, bag_axis, num_bags, include_last_offset = layout
+    return BagLayout(
+      member_dim=None,
+      out_shape=(num_bags,),
+      out_axes=collections.OrderedDict([(bag_axis, num_bags)]),
+      token_axes=(bag_axis,),
+      include_last_offset=include_last_offset,
+    )
+  _, over, named, _ = layout
+  named = dict(named)
+  n_positional = len(ids_shape) - len(named)
+  if over not in named:
+    raise ValueError(
+      f"named_embed.{caller}: `over`={over!r} is not an axis of `tokens`"
+      f" (named axes {named}, positional shape {ids_shape[:n_positional]})."
+      " `over` names the axis that holds each bag's members."
+    )
+  out_axes = collections.OrderedDict(
+    (name, size) for name, size in named.items() if name != over
+  )
+  return BagLayout(
+    member_dim=n_positional + list(named).index(over),
+    out_shape=(*ids_shape[:n_positional], *out_axes.values()),
+    out_axes=out_axes,
+    token_axes=tuple(named),
+    include_last_offset=False,
+  )
 
 
 def fixed_bags(tokens: Any, over: str, weights: Any, caller: str) -> Bags:
-  """Fixed-size bags along the named axis ``over`` of ``tokens``.
+  """Fixed-size bags along the named axis ``over`` of ``tokens`` (whether
+  ``over`` is one of its axes is checked by `bag_layout`).
 
   Raises:
     TypeError: for tokens that are not a NamedArray, non-integer ids, or
       non-floating weights.
-    ValueError: if ``over`` is not an axis of ``tokens``, or the weights'
-      axes differ from the tokens'.
+    ValueError: if the weights' axes differ from the tokens'.
   """
   if not isinstance(tokens, pz.nx.NamedArrayBase):
     shape = tuple(getattr(tokens, "shape", np.shape(tokens)))
@@ -123,30 +181,10 @@ def fixed_bags(tokens: Any, over: str, weights: Any, caller: str) -> Bags:
       f" {over!r})`, or pass flat ids with `offsets=`."
     )
   ids, named = _named.split_tokens(tokens)
-  if over not in named:
-    raise ValueError(
-      f"named_embed.{caller}: `over`={over!r} is not an axis of `tokens`"
-      f" (named axes {dict(named)}, positional shape"
-      f" {ids.shape[: ids.ndim - len(named)]}). `over` names the axis that"
-      " holds each bag's members."
-    )
-  n_positional = ids.ndim - len(named)
-  member_dim = n_positional + list(named).index(over)
-  out_axes = collections.OrderedDict(
-    (name, size) for name, size in named.items() if name != over
-  )
   if weights is not None:
     weights = _fixed_weights(weights, ids, named, caller)
-  return Bags(
-    ids=ids,
-    weights=weights,
-    offsets=None,
-    checked=None,
-    member_dim=member_dim,
-    out_shape=(*ids.shape[:n_positional], *out_axes.values()),
-    out_axes=out_axes,
-    token_axes=tuple(named),
-  )
+  layout = ("fixed", over, tuple(named.items()), tuple(ids.shape))
+  return Bags(ids, weights, None, None, layout)
 
 
 def _fixed_weights(weights, ids, named, caller: str):
@@ -231,16 +269,8 @@ def ragged_bags(
         f"named_embed.{caller}: `weights` must have the shape of the flat"
         f" ids {tuple(ids.shape)}; got {tuple(weights.shape)}."
       )
-  return Bags(
-    ids=ids,
-    weights=weights,
-    offsets=offsets,
-    checked=checked,
-    member_dim=None,
-    out_shape=(num_bags,),
-    out_axes=collections.OrderedDict([(bag_axis, num_bags)]),
-    token_axes=(bag_axis,),
-  )
+  layout = ("ragged", bag_axis, num_bags, bool(include_last_offset))
+  return Bags(ids, weights, offsets, checked, layout)
 
 
 def admit_ids(bags: Bags, policy: str, vocab_size: int) -> tuple[Bags, bool]:

@@ -1,11 +1,14 @@
 """The jitted kernel of a pooled lookup: layout, rules, reduction, finish.
 
-One kernel per static configuration (`compile_pool`, cached by the caller):
-the fixed-size layout is made ``[B, L]`` inside it (no eager transpose),
-`_pooling.members` applies the lookup's rules to the ids, the reduction
-runs on one device (`_pooling`) or, when the computation is split over
-devices, vocabulary-parallel (`_pooled_parallel`), and `_pooling.finish`
-gives empty bags zeros and ``"fill"`` bags NaN.
+One kernel per static configuration (`compile_pool`, cached by the caller's
+per-call plan): the fixed-size layout is made ``[B, L]`` inside it (no
+eager transpose), the table's arrays are prepared as every kernel reads
+them (`named_embed._row_source.prepare`), `_pooling.members` applies the
+lookup's rules to the ids, the reduction runs on one device (`_pooling`)
+or, when the computation is split over devices, vocabulary-parallel
+(`_pooled_parallel`), and `_pooling.finish` gives empty bags zeros and
+``"fill"`` bags NaN. The table is any kind's row source: nothing here
+asks which.
 """
 
 from __future__ import annotations
@@ -16,13 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from named_embed import (
-  _layout,
-  _norms,
-  _pooled_parallel,
-  _pooling,
-  _table_arrays,
-)
+from named_embed import _layout, _pooled_parallel, _pooling, _row_source
 
 
 def compile_pool(
@@ -31,16 +28,17 @@ def compile_pool(
   out_shape: tuple[int, ...],
   scope: str,
 ):
-  """``(table [R, *embedding], ids, weights, offsets) -> [*out_shape,
-  *embedding]``, jitted. ``member_dim`` is the member axis of fixed-size
-  ids (None for ragged ids)."""
+  """``(arrays, ids, weights, offsets) -> [*out_shape, *row_shape]``,
+  jitted; ``arrays`` are the raw arrays of ``policy.source``.
+  ``member_dim`` is the member axis of fixed-size ids (None for ragged
+  ids)."""
 
-  def pooled_lookup_kernel(table, ids, weights, offsets):
+  def pooled_lookup_kernel(arrays, ids, weights, offsets):
     with jax.named_scope(scope):
       if member_dim is not None:
         ids, weights = (members_last(x, member_dim) for x in (ids, weights))
-      pooled = pool(table, ids, weights, offsets, policy)
-      return pooled.reshape(*out_shape, *table.shape[1:])
+      pooled = pool(arrays, ids, weights, offsets, policy)
+      return pooled.reshape(*out_shape, *policy.source.row_shape)
 
   return jax.jit(pooled_lookup_kernel)
 
@@ -53,34 +51,33 @@ def members_last(x, member_dim: int):
   return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
-def pool(table, ids, weights, offsets, policy: _pooling.PoolPolicy):
-  """``[bags, *embedding]`` pooled rows of ``table [R, *embedding]``."""
-  num_rows, embedding = table.shape[0], table.shape[1:]
+def pool(arrays, ids, weights, offsets, policy: _pooling.PoolPolicy):
+  """``[bags, F]`` pooled rows of the table ``policy.source`` reads from
+  ``arrays``, in the rows' dtype."""
   rules = policy.rows
   ragged = policy.num_bags is not None
   num_bags = policy.num_bags if ragged else ids.shape[0]
   if num_bags == 0:
-    return jnp.zeros((0, *embedding), table.dtype)
+    return jnp.zeros((0, policy.features), policy.row_dtype)
   if ragged:  # every device pools whole bags
     ids, weights = _pooling.replicated(ids), _pooling.replicated(weights)
-  sharded = _layout.spans_devices(table, ids) or _layout.splits(
+  arrays = tuple(arrays)
+  sharded = _layout.spans_devices(*arrays, ids) or _layout.splits(
     rules.rows_sharding
   )
-  table = _table_arrays.kernel_rows(table, rules.frozen, rules.rows_sharding)
-  accumulate = _norms.accumulation_dtype(table.dtype)
-  m, count, bad = _pooling.members(
-    ids, offsets, num_rows, policy, sharded, accumulate
-  )
+  arrays = _row_source.prepare(policy.source, arrays, rules.rows_sharding)
+  m, count, bad = _pooling.members(ids, offsets, policy, sharded)
   if weights is not None:
-    weights = _pooling.chunks(weights.astype(accumulate), policy.chunk_size)
-  plan = _pooled_parallel.plan_for(table, ids, rules.rows_sharding, ragged)
-  if plan is None:
-    ops, table = _pooling, table.reshape(num_rows, -1)
-  else:
+    weights = weights.astype(policy.accumulation_dtype)
+    weights = _pooling.chunks(weights, policy.chunk_size)
+  plan = _pooled_parallel.plan_for(
+    policy.source, arrays, ids, rules.rows_sharding, ragged
+  )
+  ops = _pooling
+  if plan is not None:
     policy, ops = dataclasses.replace(policy, parallel=plan), _pooled_parallel
   if policy.mode == "max":
-    pooled = ops.pooled_max(policy, table, m)
+    pooled = ops.pooled_max(policy, arrays, m)
   else:
-    pooled = ops.pooled_sum(policy, table, weights, m)
-  pooled = _pooling.finish(pooled, count, bad, policy, table.dtype)
-  return pooled.reshape(num_bags, *embedding)
+    pooled = ops.pooled_sum(policy, arrays, weights, m)
+  return _pooling.finish(pooled, count, bad, policy)

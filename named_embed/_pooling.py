@@ -1,4 +1,11 @@
-"""Pooled lookups on raw arrays: rows gathered and reduced chunk by chunk.
+"""Pooled lookups on raw arrays: rows read and reduced chunk by chunk.
+
+The table is any kind of table's row source (`named_embed._row_source`):
+a static `RowSource` and its tuple of raw arrays. Nothing here asks which
+kind it is: rows come from a *row reader* (`gathered`: the source's
+``gather``; on a vocabulary-split table, `named_embed._pooled_parallel`'s
+reader of the rows a device owns), and gradients go back through
+`jax.vjp` of that reader.
 
 Layouts (the embedding axes flattened to ``F``, a bitcast):
 
@@ -15,26 +22,36 @@ reduces them into the ``[bags, F]`` accumulator, and moves on: the
 ``[B, L, F]`` rows of a take-then-reduce never exist.
 
 Two custom_vjp ops own the gradients, so that the backward pass is chunked
-too (autodiff of the scan would store every chunk's rows for the weights'
-gradient):
+too (autodiff of the scan would store every chunk's rows):
 
 - `pooled_sum` (``"sum"`` and ``"mean"``): ``sum_j coef_j * w_j * row_j``
-  over kept members, accumulated in float32. Backwards, one scan
-  scatter-adds ``g_bag * coef_j * w_j * scale_j`` into the table's gradient
-  and, when there are weights, recomputes each chunk's rows for
-  ``d w_j = coef_j * <g_bag, row_j>``.
+  over kept members, accumulated in float32. Backwards, one scan turns
+  ``g_bag * coef_j * w_j * scale_j`` into each chunk's row cotangent and
+  pulls it back to the source's trainable arrays (`pull_rows`), and, when
+  there are weights, uses the chunk's rows for ``d w_j = coef_j * <g_bag,
+  row_j>``.
 - `pooled_max`: per feature, the largest kept row value and the first
-  member that holds it; backwards, the cotangent goes to that member's row
-  only (ties go to the first member, as in torch).
+  member that holds it; backwards, one scan gives each chunk's winning
+  members the cotangent of their features (ties go to the first member,
+  as in torch) and pulls it back the same way.
+
+`pull_rows` is `jax.vjp` of the row reader for one chunk, added to the
+scan carry: a row-aligned trainable array (a trainable plain table, LoRA's
+``A``) receives a scatter-add into its gradient (XLA writes ``carry +
+scatter(zeros, ...)`` as one scatter into the carry), any other trainable
+array (LoRA's ``B``, trained rows) a sum.
 
 ``max_norm`` rows are scaled by `_gather.renorm` when read (their gradient
-is as without it), in both directions.
+is as without it), and ``dtype`` casts each row as read, in both
+directions, as in `named_embed.lookup`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -47,6 +64,10 @@ from named_embed import _gather, _layout, _norms, _out_of_range
 MODES = ("sum", "mean", "max")
 CHUNK_TARGET_BYTES = 4 * 2**20
 """Default chunks keep one chunk's float32 rows near this size."""
+
+RowReader = Callable[[tuple, jax.Array], jax.Array]
+"""``read(arrays, ids) -> rows [*ids.shape, F]``: the rows of in-range ids,
+in the source's dtype, embedding axes flattened."""
 
 
 def default_chunk_size(bags: int, members: int, features: int) -> int:
@@ -66,6 +87,7 @@ class PoolPolicy:
 
   Attributes:
     rows: The lookup options and the table's facts (`_gather.RowPolicy`).
+    source: The table's static row source (`named_embed._row_source`).
     mode: One of `MODES`.
     chunk_size: Members per chunk.
     num_bags: Number of ragged bags; None for fixed-size bags.
@@ -76,11 +98,28 @@ class PoolPolicy:
   """
 
   rows: _gather.RowPolicy
+  source: object
   mode: str
   chunk_size: int
   num_bags: int | None = None
   include_last_offset: bool = False
   parallel: object = None
+
+  @property
+  def features(self) -> int:
+    """``F``: the number of values in a row (all embedding axes)."""
+    return math.prod(self.source.row_shape)
+
+  @property
+  def row_dtype(self):
+    """The dtype of the rows as pooled (the lookup's ``dtype`` or the
+    table's)."""
+    return self.rows.dtype or self.source.dtype
+
+  @property
+  def accumulation_dtype(self):
+    """float32 (float64 for float64 rows): what sums accumulate in."""
+    return _norms.accumulation_dtype(self.row_dtype)
 
 
 class Members(NamedTuple):
@@ -139,13 +178,13 @@ def _per_bag(values, bag, num_bags: int):
   return jnp.zeros((num_bags,), values.dtype).at[bag].add(values)
 
 
-def members(
-  ids, offsets, num_rows: int, policy: PoolPolicy, sharded: bool, dtype
-):
-  """The chunked `Members` (factors in ``dtype``), each bag's count of
-  pooled members, and which bags hold an id dropped by ``"fill"`` (None
-  under other policies)."""
+def members(ids, offsets, policy: PoolPolicy, sharded: bool):
+  """The chunked `Members` (factors in the accumulation dtype), each bag's
+  count of pooled members, and which bags hold an id dropped by
+  ``"fill"`` (None under other policies)."""
   rules = policy.rows
+  num_rows = policy.source.num_rows
+  dtype = policy.accumulation_dtype
   bag = in_bag = None
   num_bags = policy.num_bags if policy.num_bags is not None else ids.shape[0]
   if policy.num_bags is not None:
@@ -160,7 +199,7 @@ def members(
     rules.runtime_check,
     sharded,
   )
-  read = _both(in_bag, valid)
+  read = mask_and(in_bag, valid)
   keep = jnp.ones(safe.shape, jnp.bool_) if read is None else read
   if rules.padding_index is not None:
     keep = keep & (safe != rules.padding_index)
@@ -201,13 +240,15 @@ def replicated(x):
   return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
 
 
-def _both(a, b):
+def mask_and(a, b):
+  """``a & b`` of two boolean masks, where None stands for all True (None
+  if both are)."""
   if a is None:
     return b
   return a if b is None else a & b
 
 
-def _times(*factors):
+def factor_product(*factors):
   """The product of the factors that are not None (None if all are)."""
   present = [f for f in factors if f is not None]
   if not present:
@@ -215,14 +256,61 @@ def _times(*factors):
   return functools.reduce(lambda a, b: a * b, present)
 
 
-def _read(table, ids, policy: PoolPolicy):
-  """The (renormed) rows ``table[ids]`` of one chunk."""
-  rows = table.at[ids].get(
-    mode="promise_in_bounds",
-    wrap_negative_indices=False,
-    out_sharding=_layout.gather_sharding(table, ids),
+# ------------------------------------------------------------ reading rows
+
+
+def gathered(source, arrays: tuple, ids: jax.Array) -> jax.Array:
+  """The `RowReader` of a whole table: ``source.gather`` of in-range ids,
+  embedding axes flattened to ``[*ids.shape, F]``."""
+  rows = source.gather(arrays, ids)
+  return rows.reshape(*ids.shape, math.prod(source.row_shape))
+
+
+def as_pooled(policy: PoolPolicy, rows: jax.Array, n_token_axes: int):
+  """Rows as read by a reader, as they are pooled: renormed under
+  ``max_norm`` (gradient as if not), cast to the lookup's ``dtype``, in
+  the accumulation dtype."""
+  rows = _gather.renorm(rows, policy.rows, n_token_axes)
+  return rows.astype(policy.row_dtype).astype(policy.accumulation_dtype)
+
+
+def read_pooled(policy: PoolPolicy, read: RowReader, arrays, ids):
+  """`as_pooled` rows of ``ids`` (one chunk)."""
+  return as_pooled(policy, read(arrays, ids), ids.ndim)
+
+
+def zero_grads(policy: PoolPolicy, arrays) -> tuple:
+  """The gradient carry: zeros for each trainable array, None for others."""
+  return tuple(
+    jnp.zeros_like(a) if trains else None
+    for a, trains in zip(arrays, policy.source.trainable)
   )
-  return _gather.renorm(rows, policy.rows, ids.ndim)
+
+
+def pull_rows(policy: PoolPolicy, read: RowReader, arrays, ids, d_rows, grads):
+  """Adds to ``grads`` (`zero_grads`' layout) the gradient that the row
+  cotangent ``d_rows [*ids.shape, F]`` (accumulation dtype) of one chunk
+  gives the trainable arrays, through `jax.vjp` of ``read``.
+
+  Returns ``(rows, grads)``: the chunk's rows as read (the vjp's primal,
+  for callers that need them; None when no array trains) and the new
+  carry.
+  """
+  trains = policy.source.trainable
+  if not any(trains):
+    return None, grads
+
+  def rows_of(*trained):
+    given = iter(trained)
+    full = tuple(next(given) if t else a for a, t in zip(arrays, trains))
+    return read(full, ids)
+
+  rows, vjp = jax.vjp(rows_of, *(a for a, t in zip(arrays, trains) if t))
+  # The transposes of the forward casts: to the lookup's dtype, then to the
+  # source's.
+  d_rows = d_rows.astype(policy.row_dtype).astype(rows.dtype)
+  parts = iter(vjp(d_rows))
+  return rows, tuple(g + next(parts) if t else g for g, t in zip(grads, trains))
 
 
 def _select(keep, values, factor):
@@ -237,89 +325,96 @@ def _num_bags(policy: PoolPolicy, m: Members) -> int:
   return policy.num_bags if policy.num_bags is not None else m.ids.shape[1]
 
 
-def sum_forward(policy: PoolPolicy, table, weights, m: Members):
+# ------------------------------------------------------------ sum and mean
+
+
+def sum_forward(policy: PoolPolicy, read: RowReader, arrays, weights, m):
   """``[bags, F]`` weighted sums of kept rows, in the accumulation dtype.
 
-  ``table`` is ``[R, F]``; ``weights`` is None or chunked like ``m.ids``.
+  ``weights`` is None or chunked like ``m.ids``.
   """
-  accumulate = _norms.accumulation_dtype(table.dtype)
 
   def body(total, chunk):
     ids, keep, coef, bag, w = chunk
-    rows = _read(table, ids, policy).astype(accumulate)
-    part = _select(keep, rows, _times(coef, w))
+    rows = read_pooled(policy, read, arrays, ids)
+    part = _select(keep, rows, factor_product(coef, w))
     if bag is None:
       return total + part.sum(axis=1), None
     return total.at[bag].add(part, indices_are_sorted=True), None
 
-  start = jnp.zeros((_num_bags(policy, m), table.shape[1]), accumulate)
+  shape = (_num_bags(policy, m), policy.features)
+  start = jnp.zeros(shape, policy.accumulation_dtype)
   xs = (m.ids, m.keep, m.coef, m.bag, weights)
   return lax.scan(body, start, xs)[0]
 
 
-def sum_backward(policy: PoolPolicy, table, weights, m: Members, g):
-  """The table's gradient (scatter-added chunk by chunk) and, with
-  weights, theirs (each chunk's rows read again), for the cotangent
-  ``g [bags, F]`` of `sum_forward`."""
+def sum_backward(policy: PoolPolicy, read: RowReader, arrays, weights, m, g):
+  """The trainable arrays' gradients (`zero_grads`' layout, pulled back
+  chunk by chunk) and, with weights, theirs (from each chunk's rows), for
+  the cotangent ``g [bags, F]`` of `sum_forward`."""
 
-  def body(d_table, chunk):
+  def body(grads, chunk):
     ids, keep, coef, scale, bag, w = chunk
     g_rows = g[:, None, :] if bag is None else g[bag]
-    update = _select(keep, g_rows, _times(coef, w, scale))
-    d_table = d_table.at[ids].add(
-      update.astype(table.dtype), mode="promise_in_bounds"
-    )
+    d_rows = _select(keep, g_rows, factor_product(coef, w, scale))
+    rows, grads = pull_rows(policy, read, arrays, ids, d_rows, grads)
     if w is None:
-      return d_table, None
-    rows = _read(table, ids, policy).astype(g.dtype)
+      return grads, None
+    if rows is None:
+      rows = read(arrays, ids)
+    rows = as_pooled(policy, rows, ids.ndim).astype(g.dtype)
     d_w = jnp.sum(_select(keep, rows * g_rows, coef), axis=-1)
-    return d_table, d_w.astype(w.dtype)
+    return grads, d_w.astype(w.dtype)
 
   xs = (m.ids, m.keep, m.coef, m.scale, m.bag, weights)
-  return lax.scan(body, jnp.zeros_like(table), xs)
+  return lax.scan(body, zero_grads(policy, arrays), xs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def pooled_sum(policy: PoolPolicy, table, weights, m: Members):
-  """`sum_forward` with a chunked backward pass (`sum_backward`)."""
-  return sum_forward(policy, table, weights, m)
+def pooled_sum(policy: PoolPolicy, arrays, weights, m: Members):
+  """`sum_forward` of the whole table, with a chunked backward pass
+  (`sum_backward`)."""
+  return sum_forward(policy, _reader(policy), arrays, weights, m)
 
 
-def _sum_fwd(policy, table, weights, m):
-  return sum_forward(policy, table, weights, m), (table, weights, m)
+def _reader(policy: PoolPolicy) -> RowReader:
+  return functools.partial(gathered, policy.source)
+
+
+def _sum_fwd(policy, arrays, weights, m):
+  return pooled_sum(policy, arrays, weights, m), (arrays, weights, m)
 
 
 def _sum_bwd(policy, residuals, g):
-  table, weights, m = residuals
-  d_table, d_weights = sum_backward(policy, table, weights, m, g)
-  return d_table, d_weights, None
+  arrays, weights, m = residuals
+  grads, d_weights = sum_backward(
+    policy, _reader(policy), arrays, weights, m, g
+  )
+  return grads, d_weights, None
 
 
 pooled_sum.defvjp(_sum_fwd, _sum_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def pooled_max(policy: PoolPolicy, table, m: Members):
-  """``[bags, F]`` per-feature maxima of kept rows (-inf for none)."""
-  return max_and_argmax(policy, table, m)[0]
+# ------------------------------------------------------------ max
 
 
-def max_and_argmax(policy: PoolPolicy, table, m: Members):
-  """The maxima, and the first member (its index in the chunked layout,
-  ``chunk * C + c``) holding each; -1 where the bag has no kept member."""
+def max_and_argmax(policy: PoolPolicy, read: RowReader, arrays, m: Members):
+  """``[bags, F]`` per-feature maxima of kept rows (-inf for none), and the
+  first member (its index in the chunked layout, ``chunk * C + c``)
+  holding each; -1 where the bag has no kept member."""
   size = m.ids.shape[-1]
-  shape = (_num_bags(policy, m), table.shape[1])
-  low = jnp.full((), -jnp.inf, table.dtype)
+  shape = (_num_bags(policy, m), policy.features)
+  dtype = policy.accumulation_dtype
+  low = jnp.full((), -jnp.inf, dtype)
   none = jnp.full((), jnp.iinfo(jnp.int32).max, jnp.int32)
 
   def body(carry, chunk):
     best, arg = carry
     index, ids, keep, bag = chunk
-    rows = jnp.where(keep[..., None], _read(table, ids, policy), low)
-    member = index * size + lax.broadcasted_iota(
-      jnp.int32, ids.shape, ids.ndim - 1
-    )
-    member = member[..., None]
+    rows = read_pooled(policy, read, arrays, ids)
+    rows = jnp.where(keep[..., None], rows, low)
+    member = _member_index(index, ids, size)[..., None]
     if bag is None:
       top = rows.max(axis=1)
       first = jnp.where(rows == top[:, None], member, none).min(axis=1)
@@ -335,47 +430,66 @@ def max_and_argmax(policy: PoolPolicy, table, m: Members):
   return lax.scan(body, start, (numbers, m.ids, m.keep, m.bag))[0]
 
 
-def _max_fwd(policy, table, m):
-  best, arg = max_and_argmax(policy, table, m)
-  return best, (table, m.ids, arg)
+def _member_index(index, ids, size: int):
+  """The chunked-layout index ``index * C + c`` of each member of chunk
+  ``index``."""
+  return index * size + lax.broadcasted_iota(jnp.int32, ids.shape, ids.ndim - 1)
 
 
-def winner_rows(ids, arg):
-  """The row read by member ``arg`` (chunked index) of each bag and
-  feature, and whether there is one."""
-  size = ids.shape[-1]
-  found = arg >= 0
-  arg = jnp.maximum(arg, 0)
-  if ids.ndim == 3:  # fixed-size bags: [n, B, C]
-    bags = lax.broadcasted_iota(jnp.int32, arg.shape, 0)
-    return ids[arg // size, bags, arg % size], found
-  return ids[arg // size, arg % size], found
+def max_backward(policy: PoolPolicy, read: RowReader, arrays, m, arg, g):
+  """The trainable arrays' gradients (`zero_grads`' layout) for the
+  cotangent ``g [bags, F]`` of the maxima: each feature's cotangent goes
+  to the row of the member ``arg`` names (`max_and_argmax`), pulled back
+  chunk by chunk; members not kept (pad rows; on a split table, rows of
+  other devices) get none."""
+  size = m.ids.shape[-1]
+  zero = jnp.zeros((), g.dtype)
+
+  def body(grads, chunk):
+    index, ids, keep, bag = chunk
+    member = _member_index(index, ids, size)
+    if bag is None:  # [B, C, F]
+      wins = arg[:, None, :] == member[..., None]
+      g_rows = g[:, None, :]
+    else:  # [C, F]
+      wins = arg[bag] == member[:, None]
+      g_rows = g[bag]
+    d_rows = jnp.where(wins & keep[..., None], g_rows, zero)
+    return pull_rows(policy, read, arrays, ids, d_rows, grads)[1], None
+
+  numbers = jnp.arange(m.ids.shape[0], dtype=jnp.int32)
+  xs = (numbers, m.ids, m.keep, m.bag)
+  return lax.scan(body, zero_grads(policy, arrays), xs)[0]
 
 
-def max_backward(table, rows, found, g):
-  """The table's gradient: ``g [bags, F]`` added to ``rows [bags, F]``
-  (the winners of `winner_rows`) where ``found``."""
-  features = lax.broadcasted_iota(jnp.int32, rows.shape, 1)
-  g = jnp.where(found, g, jnp.zeros((), g.dtype)).astype(table.dtype)
-  return jnp.zeros_like(table).at[rows, features].add(g)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def pooled_max(policy: PoolPolicy, arrays, m: Members):
+  """``[bags, F]`` per-feature maxima of kept rows of the whole table
+  (-inf for none), with a chunked backward pass (`max_backward`)."""
+  return max_and_argmax(policy, _reader(policy), arrays, m)[0]
+
+
+def _max_fwd(policy, arrays, m):
+  best, arg = max_and_argmax(policy, _reader(policy), arrays, m)
+  return best, (arrays, m, arg)
 
 
 def _max_bwd(policy, residuals, g):
-  del policy
-  table, ids, arg = residuals
-  return max_backward(table, *winner_rows(ids, arg), g), None
+  arrays, m, arg = residuals
+  grads = max_backward(policy, _reader(policy), arrays, m, arg, g)
+  return grads, None
 
 
 pooled_max.defvjp(_max_fwd, _max_bwd)
 
 
-def finish(pooled, count, bad, policy: PoolPolicy, dtype):
+def finish(pooled, count, bad, policy: PoolPolicy):
   """Zeros for bags with nothing pooled (``"max"``), NaN for bags holding
-  an id dropped by ``"fill"``, and the table's dtype."""
+  an id dropped by ``"fill"``, and the rows' dtype."""
   if policy.mode == "max":
     pooled = jnp.where(count[:, None] > 0, pooled, jnp.zeros((), pooled.dtype))
   if bad is not None:
     pooled = jnp.where(
       bad[:, None], jnp.full((), jnp.nan, pooled.dtype), pooled
     )
-  return pooled.astype(dtype)
+  return pooled.astype(policy.row_dtype)

@@ -22,13 +22,13 @@ from named_embed import (
   _pooled_kernel,
   _pooling,
   _table_arrays,
+  _table_kind,
 )
 from named_embed._validation import check_bool, resolve_padding_index
-from named_embed.table import EmbeddingTable
 
 
 def pooled_lookup(
-  table: EmbeddingTable,
+  table: _table_kind.AbstractTable,
   tokens: pz.nx.NamedArrayBase | jax.typing.ArrayLike,
   *,
   over: str | None = None,
@@ -42,6 +42,7 @@ def pooled_lookup(
   norm_type: float = 2.0,
   scale_grad_by_freq: bool = False,
   chunk_size: int | None = None,
+  dtype: jax.typing.DTypeLike | None = None,
 ) -> pz.nx.NamedArray:
   """Pools the rows of each bag of ids: torch's ``F.embedding_bag``, by name.
 
@@ -57,6 +58,14 @@ def pooled_lookup(
   512 ids of 1024 floats, 1/30 of the temporary memory of
   ``jnp.take(...).sum(axis)``, and faster; see ``docs/performance.md``).
 
+  Every kind of table pools: a plain `EmbeddingTable`, a `QuantizedTable`
+  (int8 or int4: each chunk's rows are dequantised as they are read, the
+  float table is never built), a `LoraTable` and a `TrainableRowsTable`.
+  Values and gradients are those of the pooled lookup of the rows as the
+  table reads them (its ``dequantized()`` or ``merged()`` float table):
+  the gradient reaches what trains (a trainable plain table's rows, LoRA's
+  ``A`` and ``B``, the trained rows), never a frozen base.
+
   Semantics (torch's, with its bugs fixed):
 
   - ``"sum"``, ``"mean"`` or ``"max"`` (per feature) of the kept members.
@@ -68,7 +77,8 @@ def pooled_lookup(
   - ``"max"``: the gradient of each feature goes to the first member of
     the bag holding the maximum.
   - Sums are accumulated in float32 (bf16 tables too); the result has the
-    table's dtype.
+    table's dtype, or ``dtype``: each member's row is cast to it as it is
+    read (as `named_embed.lookup` casts rows), then pooled.
   - Out-of-range ids follow ``out_of_range`` as in `named_embed.lookup`:
     under ``"fill"`` a bag holding one is NaN (as a NaN row makes a sum or
     a max NaN) and sends no gradient; ``"clip"`` and ``"wrap"`` read the
@@ -109,15 +119,18 @@ def pooled_lookup(
       ``"max"``).
     chunk_size: Members read per step; None picks one that keeps a chunk's
       float32 rows near 4 MiB.
+    dtype: Cast each member's row (never the whole table) to this floating
+      dtype before pooling; the result has it. None: the table's dtype.
 
   Returns:
     A `NamedArray`: the bag axes (the token axes but ``over``, or
     ``bag_axis``) followed by the table's embedding axes.
 
   Raises:
-    TypeError: for a ``table`` that is not an `EmbeddingTable`,
-      non-integer ids or offsets, non-floating weights, fixed-size tokens
-      that are not a `NamedArray`, or neither ``over`` nor ``offsets``.
+    TypeError: for a ``table`` that is not a named_embed table (the message
+      names what was given), non-integer ids or offsets, non-floating
+      weights, a non-floating ``dtype``, fixed-size tokens that are not a
+      `NamedArray`, or neither ``over`` nor ``offsets``.
     ValueError: for an unknown ``mode``, ``weights`` without ``"sum"``,
       ``scale_grad_by_freq`` with ``"max"``, an ``over`` that is not a
       token axis, axis names clashing with the table's, bad offsets, or
@@ -140,8 +153,15 @@ def pooled_lookup(
   >>> out.named_shape, out.untag("bag", "embedding").unwrap().tolist()
   ({'bag': 3, 'embedding': 2}, [[5.0, 6.0], [0.0, 0.0], [7.0, 10.0]])
   """
+  _table_kind.check_table(table, "ne.pooled_lookup")
   options = _bag_inputs.options(
-    mode, out_of_range, max_norm, norm_type, scale_grad_by_freq, chunk_size
+    mode,
+    out_of_range,
+    max_norm,
+    norm_type,
+    scale_grad_by_freq,
+    chunk_size,
+    dtype,
   )
   if over is None and offsets is None:
     raise TypeError(
@@ -168,9 +188,7 @@ def pooled_lookup(
     bags = _bag_inputs.ragged_bags(
       tokens, offsets, weights, include_last_offset, bag_axis, "pooled_lookup"
     )
-  return _pooled(
-    table, bags, options, bool(include_last_offset), "pooled_lookup"
-  )
+  return _pooled(table, bags, options, "pooled_lookup")
 
 
 def _fixed(tokens, over, weights, options: _bag_inputs.Options, caller: str):
@@ -180,114 +198,106 @@ def _fixed(tokens, over, weights, options: _bag_inputs.Options, caller: str):
 
 
 def _pooled(
-  table: EmbeddingTable,
+  table: Any,
   bags: _bag_inputs.Bags,
   options: _bag_inputs.Options,
-  include_last_offset: bool,
   caller: str,
 ) -> pz.nx.NamedArray:
-  """Runs the cached kernel of ``bags``' static configuration."""
-  if not isinstance(table, EmbeddingTable):
-    extra = ""
-    if hasattr(table, "row_parts"):
-      extra = " Compressed and adapted tables are not supported by pooled"
-      extra += " lookups yet."
-    raise TypeError(
-      f"named_embed.{caller} pools the rows of an EmbeddingTable; got"
-      f" {type(table).__name__}.{extra}"
-    )
-  value, frozen = _table_arrays.value_and_frozen(table.embeddings)
-  if value is None:
-    value = table.value  # raises: unbound
-  shape = value.named_shape
-  vocab_size = table.true_vocab_size or shape[table.vocabulary_axis]
+  """Runs the cached kernel of ``bags``' static configuration on any kind
+  of table (its row source: ``table.row_parts()``).
+
+  The hot path of every eager call: it reads the table's parts, builds the
+  plan's cache key from static facts, and calls the cached kernel.
+  """
+  source, arrays = table.row_parts()
   bags, runtime_check = _bag_inputs.admit_ids(
-    bags, options.rows.out_of_range, vocab_size
+    bags, options.rows.out_of_range, table.vocab_size
   )
   plan = _plan(
     options,
+    source,
     table.vocabulary_axis,
-    tuple(shape.items()),
+    tuple(table.embedding_axes.items()),
     table.true_vocab_size,
     table.padding_index,
-    frozen,
     table.rows_sharding,
-    bags.token_axes,
+    bags.layout,
     tuple(bags.ids.shape),
-    bags.member_dim,
-    bags.out_shape,
-    include_last_offset,
     runtime_check,
     caller,
   )
-  pooled = plan.kernel(table.rows_array(), bags.ids, bags.weights, bags.offsets)
-  axes = collections.OrderedDict((*bags.out_axes.items(), *plan.embedding))
-  return _named.wrap_named(pooled, axes)
+  pooled = plan.kernel(arrays, bags.ids, bags.weights, bags.offsets)
+  return _named.wrap_named(pooled, plan.output_axes)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """The jitted kernel of one static configuration, and the table's
-  embedding axes (names and sizes, in storage order)."""
+  """What a pooled lookup call needs beyond its arrays, built once per
+  static configuration: the jitted kernel and the output's axis names."""
 
   kernel: Any
-  embedding: tuple[tuple[str, int], ...]
+  output_axes: collections.OrderedDict  # shared by results; never mutated
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(
   options: _bag_inputs.Options,
+  source: Any,
   vocabulary_axis: str,
-  table_axes: tuple[tuple[str, int], ...],
+  embedding_axes: tuple[tuple[str, int], ...],
   true_vocab_size: int | None,
   padding_index: int | None,
-  frozen: bool,
   rows_sharding: Any,
-  token_axes: tuple[str, ...],
+  layout: tuple,
   ids_shape: tuple[int, ...],
-  member_dim: int | None,
-  out_shape: tuple[int, ...],
-  include_last_offset: bool,
   runtime_check: bool,
   caller: str,
 ) -> _Plan:
-  """Checks the axis names and builds the kernel, once per configuration."""
-  sizes = dict(table_axes)
-  num_rows = sizes.pop(vocabulary_axis)
+  """Checks what can be checked once (the bags' axes against the table's)
+  and builds the kernel for one static configuration: every later call
+  with the same configuration costs one cache lookup."""
+  bags = _bag_inputs.bag_layout(layout, ids_shape, caller)
+  num_rows = source.num_rows
   _table_arrays.check_bound_rows(true_vocab_size, num_rows)
   _named.check_no_clash(
-    f"named_embed.{caller}", token_axes, (vocabulary_axis, *sizes)
+    f"named_embed.{caller}",
+    bags.token_axes,
+    (vocabulary_axis, *dict(embedding_axes)),
   )
   rows = dataclasses.replace(
     options.rows,
     padding_index=resolve_padding_index(
       padding_index, true_vocab_size or num_rows
     ),
-    frozen=frozen,
+    frozen=not any(source.trainable),
     runtime_check=runtime_check,
     vocab_size=true_vocab_size,
     rows_sharding=rows_sharding,
   )
-  if member_dim is None:  # ragged: all ids are members of one "row"
-    bags, members, num_bags = 1, ids_shape[0], out_shape[0]
+  if bags.member_dim is None:  # ragged: all ids are members of one "row"
+    num_bags = bags.out_shape[0]
+    members, bag_count = ids_shape[0], 1
   else:
-    members = ids_shape[member_dim]
-    bags, num_bags = max(1, math.prod(out_shape)), None
-  features = math.prod(sizes.values())
+    members, num_bags = ids_shape[bags.member_dim], None
+    bag_count = max(1, math.prod(bags.out_shape))
   chunk = options.chunk_size or _pooling.default_chunk_size(
-    bags, members, features
+    bag_count, members, math.prod(source.row_shape)
   )
   policy = _pooling.PoolPolicy(
     rows=rows,
+    source=source,
     mode=options.mode,
     chunk_size=max(1, min(chunk, members)),
     num_bags=num_bags,
-    include_last_offset=include_last_offset,
+    include_last_offset=bags.include_last_offset,
   )
   kernel = _pooled_kernel.compile_pool(
-    policy, member_dim, out_shape, f"named_embed.{caller}"
+    policy, bags.member_dim, bags.out_shape, f"named_embed.{caller}"
   )
-  return _Plan(kernel, tuple(sizes.items()))
+  output_axes = collections.OrderedDict(
+    (*bags.out_axes.items(), *embedding_axes)
+  )
+  return _Plan(kernel, output_axes)
 
 
 @pz.pytree_dataclass
@@ -303,7 +313,9 @@ class EmbeddingBag(pz.nn.Layer):
   `named_embed.pooled_lookup` for the semantics of every option; ragged
   bags with offsets are the function's). The table is a field, as in
   `EmbeddingLookup`: pass the same table to an `EmbeddingDecode` to tie
-  them (one parameter, whose gradient sums both uses).
+  them (one parameter, whose gradient sums both uses). The table may be
+  of any kind (plain, quantised, LoRA, trained rows; checked when the
+  layer is built): a bag over a `LoraTable` trains its adapters.
 
   Per-member weights (``mode="sum"``) come as a side input: set
   ``weights_input_name`` and pass ``layer(tokens, **{name: weights})``, as
@@ -320,9 +332,11 @@ class EmbeddingBag(pz.nn.Layer):
   >>> ids = pz.nx.wrap(np.array([[5, 7, 0], [3, 0, 0]])).tag("batch", "member")
   >>> layer(ids).named_shape
   {'batch': 2, 'embedding': 8}
+  >>> ne.EmbeddingBag(table.quantized("int8"), over="member")(ids).named_shape
+  {'batch': 2, 'embedding': 8}
 
   Attributes:
-    table: The embedding table.
+    table: The embedding table (any kind).
     over: The token axis holding each bag's members.
     mode: ``"mean"`` (default), ``"sum"`` or ``"max"``.
     out_of_range: ``"fill"`` (default), ``"clip"``, ``"wrap"`` or
@@ -334,9 +348,11 @@ class EmbeddingBag(pz.nn.Layer):
     weights_input_name: Name of the side input holding per-member weights
       (``"sum"`` only), or None for none.
     chunk_size: Members read per step, or None for the default.
+    dtype: Dtype of the member rows and the result, or None for the
+      table's.
   """
 
-  table: EmbeddingTable
+  table: _table_kind.AbstractTable
   over: str = dataclasses.field(metadata={"pytree_node": False})
   mode: str = dataclasses.field(default="mean", metadata={"pytree_node": False})
   out_of_range: str = dataclasses.field(
@@ -357,8 +373,10 @@ class EmbeddingBag(pz.nn.Layer):
   chunk_size: int | None = dataclasses.field(
     default=None, metadata={"pytree_node": False}
   )
+  dtype: Any = dataclasses.field(default=None, metadata={"pytree_node": False})
 
   def __post_init__(self):
+    _table_kind.check_table(self.table, "EmbeddingBag")
     options = self.options  # validates
     _bag_inputs.check_axis_name("over", self.over)
     if self.weights_input_name is not None:
@@ -375,6 +393,7 @@ class EmbeddingBag(pz.nn.Layer):
       self.norm_type,
       self.scale_grad_by_freq,
       self.chunk_size,
+      self.dtype,
     )
 
   def __call__(
@@ -402,4 +421,4 @@ class EmbeddingBag(pz.nn.Layer):
       weights = side_inputs[name]
     options = self.options
     bags = _bag_inputs.fixed_bags(tokens, self.over, weights, "EmbeddingBag")
-    return _pooled(self.table, bags, options, False, "EmbeddingBag")
+    return _pooled(self.table, bags, options, "EmbeddingBag")

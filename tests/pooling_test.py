@@ -624,10 +624,22 @@ def bad_calls():
   ]
 
 
-def test_a_table_that_is_not_an_embedding_table_is_a_type_error():
+def test_a_wrong_object_for_the_table_is_a_type_error_naming_it():
   ids = named([[1, 2]], "batch", "member")
-  with pytest.raises(TypeError, match=r"pools the rows of an EmbeddingTable"):
+  with pytest.raises(TypeError, match=r"ne.pooled_lookup: `table` must be a"):
     ne.pooled_lookup(W, ids, over="member")
+  with pytest.raises(TypeError, match=r"penzai's own pz.nn.EmbeddingTable"):
+    pz_table = pz.nn.EmbeddingTable(
+      embeddings=pz.nx.wrap(W).tag("vocabulary", "embedding"),
+      vocabulary_axis="vocabulary",
+    )
+    ne.pooled_lookup(pz_table, ids, over="member")
+  table = ne.EmbeddingTable.from_pretrained(W)
+  with pytest.raises(TypeError, match=r"pass its table \(`layer.table`\)"):
+    ne.pooled_lookup(ne.EmbeddingLookup(table), ids, over="member")
+  # The layer checks when it is built, not at call time.
+  with pytest.raises(TypeError, match=r"EmbeddingBag: `table` must be a"):
+    ne.EmbeddingBag(table.rows_array(), over="member")
 
 
 @pytest.mark.parametrize("kwargs, error, pattern", bad_calls())
@@ -780,3 +792,263 @@ def test_fixed_size_bags_match_numpy_under_jit(case):
     np.testing.assert_allclose(
       got[2], want[2].reshape(data.shape), rtol=1e-5, atol=1e-5
     )
+
+
+# ------------------------------------------------------------ every kind
+
+
+KINDS = ("float", "int8", "int4", "lora", "lora_int4", "rows")
+"""The kinds of table: plain (trainable), quantised (frozen), LoRA over a
+float and over an int4 base (A and B train), trained rows."""
+KV, KD, RANK = 11, 4, 2
+KW = np.round(np.random.default_rng(5).normal(size=(KV, KD)), 2)
+KW = KW.astype(np.float32)
+KA = np.random.default_rng(6).normal(size=(KV, RANK)).astype(np.float32)
+TRAINED = (1, 4, 9)
+
+
+def kind_table(kind, padding_index=None, dtype=np.float32):
+  """A table of ``kind`` whose trainable parts are `pz.Parameter`s (LoRA
+  with a non-zero ``A``, so that its delta shows)."""
+  w = KW.astype(dtype)
+  if kind == "float":
+    return ne.EmbeddingTable.from_pretrained(
+      w, freeze=False, name="embed", padding_index=padding_index
+    )
+  base = ne.EmbeddingTable.from_pretrained(w, padding_index=padding_index)
+  if kind == "int8":
+    return base.quantized("int8")
+  if kind == "int4":
+    return base.quantized("int4", group_size=2)
+  if kind == "rows":
+    rows = base.with_trainable_rows(list(TRAINED), name="r")
+    bumped = np.asarray(rows.rows.value.unwrap("rows", "embedding")) + 0.5
+    rows.rows.value = pz.nx.wrap(bumped.astype(dtype)).tag("rows", "embedding")
+    return rows
+  if kind == "lora_int4":
+    base = base.quantized("int4", group_size=2)
+  lora = base.with_lora(RANK, 3.0, name="e", init_base_rng=jax.random.key(2))
+  lora.lora_a.value = pz.nx.wrap(KA).tag("vocabulary", "rank")
+  return lora
+
+
+def float_rows(table) -> np.ndarray:
+  """The rows as the table reads them: dequantised or merged (float64)."""
+  if isinstance(table, ne.EmbeddingTable):
+    return np.asarray(table.rows_array(), np.float64)
+  merged = getattr(table, "merged", None) or table.dequantized
+  return np.asarray(merged().rows_array(), np.float64)
+
+
+def expected_grads(table, d_rows) -> dict[str, np.ndarray]:
+  """Each parameter's gradient (by label) from the gradient ``d_rows`` of
+  the rows as read, by the chain rule of each kind."""
+  if isinstance(table, ne.EmbeddingTable):
+    return {"embed.embeddings": d_rows}
+  if isinstance(table, ne.LoraTable):
+    a = raw(table.lora_a.value, "vocabulary", "rank")
+    b = raw(table.lora_b.value, "rank", "embedding")
+    return {
+      "e.lora_a": table.scale * d_rows @ b.T,
+      "e.lora_b": table.scale * a.T @ d_rows,
+    }
+  if isinstance(table, ne.TrainableRowsTable):
+    return {"r.trainable_rows": d_rows[list(TRAINED)]}
+  return {}
+
+
+def kind_pooled_and_grads(run, table, ids, cot, weights=None, **kw):
+  """Pooled values, the parameters' gradients (by label, in their storage
+  order) and the weights' gradient of ``sum(pooled * cot)``."""
+  unbound, params = pz.unbind_params(table)
+  values = [p.freeze() for p in params]
+  labels = [p.label for p in params]
+
+  def grads(values, weights, ids):
+    def loss(values, weights):
+      bound = pz.bind_variables(unbound, values)
+      out = ne.pooled_lookup(bound, ids, weights=weights, **kw)
+      order = [n for n in out.named_shape if n != "embedding"]
+      x = out.order_as(*order, "embedding").data_array
+      safe = jnp.where(jnp.isnan(x), jnp.zeros((), x.dtype), x)
+      return jnp.sum(safe.astype(jnp.float32) * cot), x
+
+    return jax.grad(loss, (0, 1), has_aux=True)(values, weights)
+
+  (d_values, d_weights), out = run(grads, values, weights, ids)
+  d_params = {
+    label: raw(v.value, *PARAM_AXES[label.split(".")[-1]])
+    for label, v in zip(labels, d_values)
+  }
+  return np.asarray(out, np.float32), d_params, d_weights
+
+
+PARAM_AXES = {
+  "embeddings": ("vocabulary", "embedding"),
+  "lora_a": ("vocabulary", "rank"),
+  "lora_b": ("rank", "embedding"),
+  "trainable_rows": ("rows", "embedding"),
+}
+"""The storage order of each kind's parameter, as `expected_grads` has it."""
+
+
+def check_kind(table, got, want, rtol=1e-5, atol=1e-5):
+  out, d_params, d_weights = got
+  want_out, want_d_rows, want_d_weights = want
+  np.testing.assert_allclose(out, want_out, rtol=rtol, atol=atol)
+  expected = expected_grads(table, want_d_rows)
+  assert sorted(d_params) == sorted(expected)
+  for label, grad in expected.items():
+    np.testing.assert_allclose(
+      d_params[label], grad, rtol=rtol, atol=atol, err_msg=label
+    )
+  if d_weights is not None:
+    np.testing.assert_allclose(
+      np.asarray(d_weights).reshape(-1),
+      want_d_weights,
+      rtol=rtol,
+      atol=atol,
+    )
+
+
+@pytest.mark.parametrize("layout", ["ragged", "fixed"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_pools_like_its_float_table(run, kind, mode, layout):
+  table = kind_table(kind, padding_index=0)
+  rows = float_rows(table)
+  rng = np.random.default_rng(7)
+  data = rng.integers(0, KV, size=(3, 5))
+  data[1, :2] = 0  # pad members: skipped
+  data[2] = 0  # an all-pad bag: zeros
+  weights = None
+  if mode == "sum":
+    weights = rng.normal(size=data.shape).astype(np.float32)
+  cot = rng.normal(size=(3, KD)).astype(np.float32)
+  flat, offsets = data.reshape(-1), np.arange(3) * 5
+  want = np_bag(
+    rows,
+    flat,
+    offsets,
+    cot,
+    mode=mode,
+    weights=None if weights is None else weights.reshape(-1),
+    padding_index=0,
+  )
+  if layout == "ragged":
+    kw = dict(offsets=offsets, mode=mode, chunk_size=2)
+    got = kind_pooled_and_grads(run, table, flat, cot, weights=(
+      None if weights is None else weights.reshape(-1)), **kw)  # fmt: skip
+  else:
+    kw = dict(over="member", mode=mode, chunk_size=2)
+    got = kind_pooled_and_grads(
+      run, table, named(data, "batch", "member"), cot, weights, **kw
+    )
+  check_kind(table, got, want)
+  # The float reference itself: the same call on the float rows as read.
+  reference = ne.EmbeddingTable.from_pretrained(
+    rows.astype(np.float32), padding_index=0
+  )
+  tokens = flat if layout == "ragged" else named(data, "batch", "member")
+  w = weights if weights is None or layout == "fixed" else weights.reshape(-1)
+  float_out = ne.pooled_lookup(reference, tokens, weights=w, **kw)
+  np.testing.assert_allclose(
+    got[0], raw(float_out, *float_out.named_shape), rtol=1e-5, atol=1e-6
+  )
+
+
+def option_cases():
+  return {
+    "fill": dict(out_of_range="fill"),
+    "clip": dict(out_of_range="clip"),
+    "wrap": dict(out_of_range="wrap"),
+    "max_norm": dict(max_norm=1.5, norm_type=3.0),
+    "freq": dict(scale_grad_by_freq=True),
+  }
+
+
+@pytest.mark.parametrize("option", list(option_cases()))
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_follows_every_lookup_option(kind, option):
+  run = lambda f, *args: jax.jit(f)(*args)  # noqa: E731 (eager: above)
+  kw = option_cases()[option]
+  table = kind_table(kind, padding_index=KV - 1)
+  rows = float_rows(table)
+  ids = np.array([3, -1, 3, 12, 5, 10, 1, 4, 4, 9])
+  if option in ("max_norm", "freq"):
+    ids = np.abs(ids) % KV
+  offsets = np.array([0, 3, 3, 6])
+  cot = np.random.default_rng(8).normal(size=(4, KD)).astype(np.float32)
+  for mode in ("mean", "max"):
+    if mode == "max" and option == "freq":
+      continue
+    want = np_bag(
+      rows, ids, offsets, cot, mode=mode, padding_index=KV - 1, **kw
+    )
+    got = kind_pooled_and_grads(
+      run, table, ids, cot, offsets=offsets, mode=mode, chunk_size=3, **kw
+    )
+    check_kind(table, got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_takes_the_error_policy_alignment_rows_and_dtype(kind):
+  table = kind_table(kind)
+  ids = named([[1, 11], [2, 3]], "batch", "member")
+  with pytest.raises(IndexError, match=r"id 11 at position \(0, 1\)"):
+    ne.pooled_lookup(table, ids, over="member", out_of_range="error")
+  rows = float_rows(table)
+  ok = named([[1, 10], [2, 3]], "batch", "member")
+  out = ne.pooled_lookup(table, ok, over="member", dtype=jnp.bfloat16)
+  assert out.dtype == jnp.bfloat16
+  want = rows[[[1, 10], [2, 3]]].astype(jnp.bfloat16).astype(np.float32)
+  np.testing.assert_allclose(
+    raw(out, "batch", "embedding").astype(np.float32),
+    want.mean(axis=1),
+    rtol=1e-2,
+  )
+  layer = ne.EmbeddingBag(table, over="member", mode="max", dtype="bfloat16")
+  assert layer(ok).dtype == jnp.bfloat16
+  # Alignment rows (a padded base) are out of range: NaN bags under "fill".
+  padded = kind_table_padded(kind)
+  out = ne.pooled_lookup(padded, named([[1, 11], [2, 3]], "b", "m"), over="m")
+  pooled = raw(out, "b", "embedding")
+  assert np.isnan(pooled[0]).all()
+  rows = float_rows(padded)
+  np.testing.assert_allclose(pooled[1], rows[[2, 3]].mean(0), rtol=1e-5)
+
+
+def kind_table_padded(kind):
+  """``kind_table(kind)`` built on a base with alignment rows (16 rows for
+  11 tokens)."""
+  base = ne.EmbeddingTable.from_pretrained(KW).padded_to_multiple(8)
+  if kind == "float":
+    return ne.EmbeddingTable.from_pretrained(
+      KW, freeze=False
+    ).padded_to_multiple(8)
+  if kind == "int8":
+    return base.quantized("int8")
+  if kind == "int4":
+    return base.quantized("int4", group_size=2)
+  if kind == "rows":
+    return base.with_trainable_rows(list(TRAINED), name="r")
+  if kind == "lora_int4":
+    base = base.quantized("int4", group_size=2)
+  return base.with_lora(RANK, 3.0, name="e", init_base_rng=jax.random.key(2))
+
+
+@pytest.mark.parametrize("kind", ["lora", "rows"])
+def test_adapted_layers_train_their_adapters_through_a_bag(kind):
+  table = kind_table(kind)
+  layer = ne.EmbeddingBag(table, over="member", mode="sum")
+  ids = named([[1, 4, 4], [9, 2, 0]], "batch", "member")
+  unbound, params = pz.unbind_params(layer)
+  assert {p.label for p in params} == set(
+    expected_grads(table, np.zeros((KV, KD)))
+  )
+
+  def loss(values):
+    return jnp.sum(pz.bind_variables(unbound, values)(ids).data_array ** 2)
+
+  grads = jax.jit(jax.grad(loss))([p.freeze() for p in params])
+  assert all(np.abs(np.asarray(g.value.data_array)).sum() > 0 for g in grads)

@@ -9,6 +9,7 @@ all-gather of the table, no collective inside a loop.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -222,3 +223,157 @@ def test_tied_bag_and_fused_loss_on_a_vocabulary_split_table(kind):
   rows = grad.table.rows_array()
   assert rows.sharding.spec[0] == "model"
   np.testing.assert_allclose(np.asarray(rows)[:13], want, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------ every kind
+
+KIND_NAMES = ("float", "int8", "int4", "lora", "lora_int4", "rows")
+KA = np.random.default_rng(9).normal(size=(16, 2)).astype(np.float32)
+
+
+def kind_table(kind, w, multiple):
+  """A table of ``kind`` over ``w`` (padded to ``multiple`` rows); LoRA
+  with a non-zero ``A``."""
+  if kind == "float":
+    table = ne.EmbeddingTable.from_pretrained(w, freeze=False, name="embed")
+    return table.padded_to_multiple(multiple)
+  base = ne.EmbeddingTable.from_pretrained(w).padded_to_multiple(multiple)
+  if kind == "int8":
+    return base.quantized("int8")
+  if kind == "int4":
+    return base.quantized("int4", group_size=2)
+  if kind == "rows":
+    return base.with_trainable_rows([1, 5, 12], name="r")
+  if kind == "lora_int4":
+    base = base.quantized("int4", group_size=2)
+  lora = base.with_lora(2, 3.0, name="e", init_base_rng=jax.random.key(4))
+  a = KA[: base.num_rows]
+  lora.lora_a.value = pz.nx.wrap(a).tag("vocabulary", "rank")
+  return lora
+
+
+def pooled_values_and_grads(table, tokens, weights, cot, offsets=None, **kw):
+  """Jitted pooled values and the gradients of ``sum(pooled * cot)`` with
+  respect to the table's parameters and the weights."""
+  unbound, params = pz.unbind_params(table)
+  values = [p.freeze() for p in params]
+
+  def loss(values, weights, unbound, tokens, offsets):
+    bound = pz.bind_variables(unbound, values)
+    out = ne.pooled_lookup(
+      bound, tokens, weights=weights, offsets=offsets, **kw
+    )
+    order = [n for n in out.named_shape if n != "embedding"]
+    x = out.order_as(*order, "embedding").data_array
+    return jnp.sum(x * cot), x
+
+  f = jax.jit(jax.grad(loss, (0, 1), has_aux=True))
+  args = (values, weights, unbound, tokens, offsets)
+  (d_values, d_weights), out = f(*args)
+  return out, d_values, d_weights, f.lower(*args).compile().as_text()
+
+
+def assert_same(got, want):
+  out, d_values, d_weights, _ = got
+  want_out, want_values, want_weights, _ = want
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  assert len(d_values) == len(want_values)
+  for g, w in zip(d_values, want_values):
+    np.testing.assert_allclose(
+      np.asarray(g.value.data_array),
+      np.asarray(w.value.data_array),
+      rtol=1e-4,
+      atol=1e-5,
+      err_msg=g.label,
+    )
+  if want_weights is not None:
+    np.testing.assert_allclose(d_weights, want_weights, rtol=1e-5, atol=1e-5)
+
+
+def check_kind_hlo(text: str):
+  """No collective inside a loop body (the vocabulary-parallel kernel
+  reduces each device's bags before one all-reduce)."""
+  bodies = set(re.findall(r"while\(.*?body=%?([\w.\-]+)", text))
+  for computation in re.split(r"\n(?=%?[\w.\-]+ [\(\{]|ENTRY)", text):
+    if computation.split(" ", 1)[0].lstrip("%") in bodies:
+      assert "all-reduce" not in computation
+      assert "all-gather" not in computation
+
+
+KIND_W = np.random.default_rng(10).normal(size=(16, D)).astype(np.float32)
+KIND_IDS = np.random.default_rng(11).integers(0, 13, size=(4, 7))
+KIND_COT = np.random.default_rng(12).normal(size=(4, D)).astype(np.float32)
+KIND_WEIGHTS = np.random.default_rng(13).normal(size=(4, 7)).astype(np.float32)
+FLAT = np.random.default_rng(14).integers(0, 13, size=20)
+OFFSETS = np.array([0, 5, 5, 12])
+
+
+def fixed_case(table_kind, mode):
+  """``(table, tokens, weights, kw)`` of fixed-size bags: 13 tokens on 16
+  rows (alignment rows), pad members (row 0)."""
+  table = kind_table(table_kind, KIND_W[:13], multiple=4)
+  tokens = pz.nx.wrap(KIND_IDS).tag("batch", "member")
+  weights = KIND_WEIGHTS if mode == "sum" else None
+  return table, tokens, weights, dict(over="member", mode=mode, chunk_size=3)
+
+
+def ragged_case(table_kind, aligned):
+  """``(table, ids, weights, kw)`` of ragged bags: "sum" with weights and
+  ``scale_grad_by_freq`` on 16 rows, or "max" with alignment rows."""
+  if aligned:
+    table = kind_table(table_kind, KIND_W[:13], multiple=8)
+    return table, FLAT, None, dict(mode="max")
+  table = kind_table(table_kind, KIND_W, multiple=1)
+  weights = KIND_WEIGHTS.reshape(-1)[:20]
+  return table, FLAT, weights, dict(mode="sum", scale_grad_by_freq=True)
+
+
+@functools.cache
+def one_device(layout, table_kind, variant):
+  """The same call on one device (computed once for both mesh kinds)."""
+  if layout == "fixed":
+    table, tokens, weights, kw = fixed_case(table_kind, variant)
+    return pooled_values_and_grads(table, tokens, weights, KIND_COT, **kw)
+  table, ids, weights, kw = ragged_case(table_kind, variant)
+  return pooled_values_and_grads(
+    table, ids, weights, KIND_COT, offsets=OFFSETS, **kw
+  )
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("table_kind", KIND_NAMES)
+def test_every_kind_of_table_pools_vocabulary_parallel(table_kind, kind, mode):
+  """Fixed-size bags split over "data", rows over "model", alignment rows:
+  equal to the same call on one device."""
+  mesh = mesh_of((2, 4), kind)
+  table, tokens, weights, kw = fixed_case(table_kind, mode)
+  sharded = ne.shard(table, mesh, RULES)
+  got = pooled_values_and_grads(
+    sharded, ne.shard(tokens, mesh, RULES), weights, KIND_COT, **kw
+  )
+  assert_same(got, one_device("fixed", table_kind, mode))
+  check_kind_hlo(got[3])
+  for grad in got[1]:  # row-aligned gradients stay split with the rows
+    value = grad.value
+    if "vocabulary" in value.named_shape:
+      spec = value.data_array.sharding.spec
+      assert spec[list(value.named_axes).index("vocabulary")] == "model"
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["16_rows", "aligned"])
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("table_kind", KIND_NAMES)
+def test_every_kind_of_table_pools_ragged_bags_split_over_rows(
+  table_kind, kind, aligned
+):
+  mesh = mesh_of((1, 8), kind)
+  table, ids, weights, kw = ragged_case(table_kind, aligned)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = ne.shard(table, mesh, {"vocabulary": "model"})
+  ids, offsets, weights = jax.device_put((ids, OFFSETS, weights), replicated)
+  got = pooled_values_and_grads(
+    sharded, ids, weights, KIND_COT, offsets=offsets, **kw
+  )
+  assert_same(got, one_device("ragged", table_kind, aligned))
+  check_kind_hlo(got[3])
