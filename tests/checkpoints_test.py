@@ -171,7 +171,7 @@ def test_alignment_rows_written_on_request_and_read_back(tmp_path):
 
 def test_to_safetensors_errors(tmp_path):
   table = ne.EmbeddingTable.from_pretrained(vectors())
-  with pytest.raises(TypeError, match="writes an EmbeddingTable"):
+  with pytest.raises(TypeError, match="must be a named_embed table"):
     ne.to_safetensors(vectors(), tmp_path / "x.safetensors", KEY)
   with pytest.raises(TypeError, match="tensor name"):
     ne.to_safetensors(table, tmp_path / "x.safetensors", 3)
