@@ -510,6 +510,10 @@ class _Plan:
     own = getattr(array, "sharding", None)
     sharding = own if isinstance(own, NamedSharding) else sharding
     work, work_sharding = _auto_view(array, sharding)
+    if work_sharding is not None:  # the new rows, replicated on that mesh
+      fill = jax.device_put(
+        fill, NamedSharding(work_sharding.mesh, PartitionSpec())
+      )
     assemble = functools.partial(
       _assemble, keep=self.keep, aligned=self.aligned, num_rows=self.num_rows
     )
