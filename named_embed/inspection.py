@@ -4,22 +4,36 @@ Queries name rows by token string (the table needs a `Vocabulary`), by id,
 by a list of either (batched over a new ``"query"`` axis), by an integer
 `NamedArray` of ids, or by vectors: a `NamedArray` holding the table's
 embedding axes plus any batch axes. Results are batched over those named
-axes. Everything runs in float32 (float64 for float64 inputs) and, for
-vector and id-array queries, under `jax.jit`.
+axes. Everything runs in float32 (float64 for float64 inputs).
+
+Every kind of table works alike (`EmbeddingTable`, `QuantizedTable`,
+`LoraTable`, `TrainableRowsTable`), on one device or with its vocabulary
+split over a mesh (Explicit or Auto axes): the rows of query ids are
+gathered through the table's row source (`named_embed._row_source`), and
+a search scores the table's own rows one chunk at a time, each device its
+own rows, in one jitted kernel per static configuration
+(`named_embed._row_scan`). A compressed or adapted table is read as
+lookups read it (dequantised, adapters added), a chunk at a time: its
+float table is never built. Results equal those of its float table
+(``q.dequantized()``, ``t.merged()``) to float32 rounding.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from penzai import pz
 
-from named_embed import _norms
-from named_embed.table import EmbeddingTable
+from named_embed import _row_scan, _row_source
+from named_embed._table_kind import AbstractTable, check_table
 
 METRICS = ("cosine", "dot", "euclidean")
 NEIGHBOR_AXIS = "neighbor"
@@ -30,7 +44,7 @@ Query = str | int | Sequence[str | int] | pz.nx.NamedArrayBase | jax.Array
 
 
 def nearest(
-  table: EmbeddingTable,
+  table: AbstractTable,
   query: Query,
   k: int = 10,
   metric: str = "cosine",
@@ -80,6 +94,7 @@ def nearest(
   >>> ids.named_shape, ids.unwrap("query", "neighbor").tolist()
   ({'query': 2, 'neighbor': 1}, [[1], [1]])
   """
+  check_table(table, "ne.nearest")
   k = _check_k(table, k)
   metric = _check_metric(metric)
   vectors, ids = _resolve(table, query)
@@ -88,7 +103,7 @@ def nearest(
 
 
 def similarity(
-  table: EmbeddingTable, a: Query, b: Query, metric: str = "cosine"
+  table: AbstractTable, a: Query, b: Query, metric: str = "cosine"
 ) -> pz.nx.NamedArray:
   """Similarity (or distance) of ``a`` and ``b``, broadcast by axis name.
 
@@ -115,6 +130,7 @@ def similarity(
   >>> round(float(inspection.similarity(table, 0, "y", "euclidean")), 4)
   1.4142
   """
+  check_table(table, "ne.similarity")
   metric = _check_metric(metric)
   left, _ = _resolve(table, a)
   right, _ = _resolve(table, b)
@@ -133,7 +149,7 @@ def similarity(
 
 
 def analogy(
-  table: EmbeddingTable,
+  table: AbstractTable,
   positive: Query | Sequence[Query],
   negative: Query | Sequence[Query] = (),
   k: int = 10,
@@ -168,6 +184,7 @@ def analogy(
   >>> table.vocabulary.decode(ids.unwrap("neighbor"))
   ['queen']
   """
+  check_table(table, "ne.analogy")
   k = _check_k(table, k)
   terms = [(item, 1.0) for item in _as_list(positive)]
   terms += [(item, -1.0) for item in _as_list(negative)]
@@ -185,7 +202,7 @@ def analogy(
   return _search(table, total, None, excluded, k, "cosine")
 
 
-def _check_k(table: EmbeddingTable, k: int) -> int:
+def _check_k(table: AbstractTable, k: int) -> int:
   """``k`` as an int, at most the vocabulary size (gensim returns fewer)."""
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
     raise TypeError(f"`k` must be a positive int, got {k!r}.")
@@ -214,7 +231,7 @@ def _is_row(item: Any) -> bool:
   return isinstance(item, (str, int, np.integer))
 
 
-def _row_id(table: EmbeddingTable, item: str | int) -> int:
+def _row_id(table: AbstractTable, item: str | int) -> int:
   """The row of a token or id, checked: strict, never the unk row."""
   size = table.vocab_size
   if isinstance(item, str):
@@ -241,7 +258,8 @@ def _row_id(table: EmbeddingTable, item: str | int) -> int:
 
 
 def _accumulation_dtype(*arrays: Any) -> np.dtype:
-  """float64 if any input is float64, else float32 (no promotion rules)."""
+  """float64 if any input (an array, or a row source) is float64, else
+  float32 (no promotion rules)."""
   wide = any(np.dtype(array.dtype) == np.float64 for array in arrays)
   return np.dtype(np.float64 if wide else np.float32)
 
@@ -252,7 +270,7 @@ def _unit(x: jax.Array) -> jax.Array:
 
 
 def _resolve(
-  table: EmbeddingTable, query: Any
+  table: AbstractTable, query: Any
 ) -> tuple[pz.nx.NamedArrayBase, pz.nx.NamedArrayBase | None]:
   """``(vectors, ids)`` of a query; ``ids`` is None for vector queries."""
   if isinstance(query, (jax.Array, np.ndarray)):
@@ -279,7 +297,7 @@ def _resolve(
   return _rows(table, ids), ids
 
 
-def _wrap_vector(table: EmbeddingTable, vector: Any) -> pz.nx.NamedArray:
+def _wrap_vector(table: AbstractTable, vector: Any) -> pz.nx.NamedArray:
   axes = table.embedding_axes
   if tuple(vector.shape) != tuple(axes.values()):
     raise ValueError(
@@ -292,7 +310,7 @@ def _wrap_vector(table: EmbeddingTable, vector: Any) -> pz.nx.NamedArray:
 
 
 def _check_batch_axes(
-  table: EmbeddingTable, query: pz.nx.NamedArrayBase, kind: str
+  table: AbstractTable, query: pz.nx.NamedArrayBase, kind: str
 ) -> None:
   if query.positional_shape:
     raise ValueError(
@@ -313,7 +331,7 @@ def _check_batch_axes(
 
 
 def _check_vectors(
-  table: EmbeddingTable, vectors: pz.nx.NamedArrayBase
+  table: AbstractTable, vectors: pz.nx.NamedArrayBase
 ) -> pz.nx.NamedArrayBase:
   _check_batch_axes(table, vectors, "vector")
   shape = vectors.named_shape
@@ -329,7 +347,7 @@ def _check_vectors(
 
 
 def _check_ids(
-  table: EmbeddingTable, ids: pz.nx.NamedArrayBase
+  table: AbstractTable, ids: pz.nx.NamedArrayBase
 ) -> pz.nx.NamedArrayBase:
   _check_batch_axes(table, ids, "id")
   size = table.vocab_size
@@ -345,14 +363,41 @@ def _check_ids(
 
 
 def _rows(
-  table: EmbeddingTable, ids: pz.nx.NamedArrayBase
+  table: AbstractTable, ids: pz.nx.NamedArrayBase
 ) -> pz.nx.NamedArrayBase:
-  rows, axes = table.rows_and_axes()
-  return pz.nx.nmap(lambda i: rows[i])(ids).tag(*axes)
+  """The rows of ``ids`` (in range) as lookups read them, gathered through
+  the table's row source: dequantised or merged rows of those ids only."""
+  source, arrays = table.row_parts()
+  names = tuple(ids.named_shape)
+  raw = ids.order_as(*names).data_array if names else ids.unwrap()
+  rows = _gathered(arrays, raw, source, table.rows_sharding)
+  return pz.nx.wrap(rows).tag(*names, *table.embedding_axes)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _gathered(arrays, ids, source, rows_sharding):
+  arrays = _row_source.prepare(source, arrays, rows_sharding)
+  # One axis of ids at least: a scalar index would become a dynamic slice,
+  # which Explicit mesh axes refuse on a split vocabulary.
+  rows = source.gather(arrays, ids.reshape(-1).astype(jnp.int32))
+  return rows.reshape(*ids.shape, *rows.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class _SearchConfig:
+  """The static configuration of one search kernel (a jit cache key)."""
+
+  source: Any
+  rows_sharding: Any
+  metric: str
+  k: int
+  vocab_size: int
+  padding_index: int | None
+  chunk_size: int
 
 
 def _search(
-  table: EmbeddingTable,
+  table: AbstractTable,
   vectors: pz.nx.NamedArrayBase,
   query_ids: pz.nx.NamedArrayBase | None,
   excluded: list[int],
@@ -360,34 +405,111 @@ def _search(
   metric: str,
 ) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
   """Top-``k`` rows for every query vector; excluded rows score ``-inf``."""
-  rows, axes = table.rows_and_axes()
-  size = rows.shape[0]
-  dtype = _accumulation_dtype(rows, vectors)
-  flat = rows.reshape(size, -1).astype(dtype)
-  norms = _norms.row_norms(flat, 2.0, 1).astype(dtype)
-  if metric == "cosine":
-    flat = flat / jnp.maximum(norms, jnp.asarray(_EPS, dtype))[:, None]
-  mask = np.zeros(size, bool)
-  mask[excluded] = True
-  mask[table.vocab_size :] = True  # alignment rows: not tokens
-  if table.padding_index is not None:
-    mask[table.padding_index] = True
+  source, arrays = table.row_parts()
+  axes = tuple(table.embedding_axes)
+  batch = tuple(n for n in vectors.named_shape if n not in axes)
+  sizes = tuple(vectors.named_shape[n] for n in batch)
+  count = math.prod(sizes)
+  dtype = _accumulation_dtype(source, vectors)
+  queries = vectors.order_as(*batch, *axes).data_array
+  queries = queries.reshape(count, -1).astype(dtype)
   if query_ids is None:
-    query_ids = pz.nx.wrap(jnp.asarray(-1, jnp.int32))
-
-  def one(query: jax.Array, query_id: jax.Array):
-    query = query.reshape(-1).astype(dtype)
-    if metric == "cosine":
-      query = _unit(query)
-    scores = jnp.matmul(flat, query, precision=jax.lax.Precision.HIGHEST)
-    if metric == "euclidean":
-      squared = norms * norms - 2 * scores + jnp.sum(query * query)
-      scores = -jnp.sqrt(jnp.maximum(squared, jnp.zeros((), dtype)))
-    drop = mask | (jnp.arange(size, dtype=query_id.dtype) == query_id)
-    scores = jnp.where(drop, -jnp.inf, scores)
-    best, ids = jax.lax.top_k(scores, k)
-    return ids, -best if metric == "euclidean" else best
-
+    ids = jnp.full((count,), -1, jnp.int32)
+  else:
+    ids = query_ids.order_as(*batch).data_array.reshape(count)
+    ids = ids.astype(jnp.int32)
+  # Sorted, padded to a power of two with -1 (never a row): a handful of
+  # kernels serve every exclusion list.
+  unique = sorted(set(excluded))
+  width = 1 << max(len(unique) - 1, 0).bit_length()
+  skip = np.full(width, -1, np.int32)
+  skip[width - len(unique) :] = unique
+  config = _SearchConfig(
+    source=source,
+    rows_sharding=table.rows_sharding,
+    metric=metric,
+    k=k,
+    vocab_size=table.vocab_size,
+    padding_index=table.padding_index,
+    chunk_size=_row_scan.chunk_rows(source, source.num_rows),
+  )
   with jax.named_scope("named_embed.nearest"):
-    ids, scores = pz.nx.nmap(one)(vectors.untag(*axes), query_ids)
-  return ids.tag(NEIGHBOR_AXIS), scores.tag(NEIGHBOR_AXIS)
+    best_ids, scores = _search_kernel(arrays, queries, ids, skip, config)
+  best_ids = pz.nx.wrap(best_ids.reshape(*sizes, k)).tag(*batch, NEIGHBOR_AXIS)
+  scores = pz.nx.wrap(scores.reshape(*sizes, k)).tag(*batch, NEIGHBOR_AXIS)
+  return best_ids, scores
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _search_kernel(arrays, queries, query_ids, skip, config: _SearchConfig):
+  """``(ids, scores)`` ``[Q, k]`` of ``queries [Q, E]``: every device
+  scores its own rows chunk by chunk (rows made by the source: dequantised
+  or merged one chunk at a time, their norms too), keeps its ``k`` best,
+  and the devices' candidates are merged (ties go to the lower id, as in
+  `jax.lax.top_k` over all rows)."""
+  source = config.source
+  arrays = _row_source.prepare(source, arrays, config.rows_sharding)
+  dtype = queries.dtype
+  if config.metric == "cosine":
+    norms = jnp.sqrt(jnp.sum(queries * queries, axis=1, keepdims=True))
+    queries = queries / jnp.maximum(norms, jnp.asarray(_EPS, dtype))
+  squares = jnp.sum(queries * queries, axis=1, keepdims=True)
+  return _row_scan.over_shards(
+    functools.partial(_best_of_shard, config=config),
+    source,
+    arrays,
+    config.rows_sharding,
+    queries,
+    squares,
+    query_ids,
+    skip,
+  )
+
+
+def _best_of_shard(
+  reader, offset, axis, queries, squares, query_ids, skip, *, config
+):
+  dtype = queries.dtype
+  negative = jnp.full((), -jnp.inf, dtype)
+
+  def step(scores, start, size):
+    rows = reader.rows(start, size).astype(dtype)  # [size, E]
+    dots = lax.dot_general(
+      queries,
+      rows,
+      (((1,), (1,)), ((), ())),
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=dtype,
+    )  # [Q, size]
+    norms = jnp.sqrt(jnp.sum(rows * rows, axis=1))[None, :]
+    if config.metric == "cosine":
+      dots = dots / jnp.maximum(norms, jnp.asarray(_EPS, dtype))
+    elif config.metric == "euclidean":
+      squared = norms * norms - 2 * dots + squares
+      dots = -jnp.sqrt(jnp.maximum(squared, jnp.zeros((), dtype)))
+    ids = offset + start + jnp.arange(size, dtype=jnp.int32)
+    drop = ids >= config.vocab_size  # alignment rows: not tokens
+    if config.padding_index is not None:
+      drop = drop | (ids == config.padding_index)
+    place = jnp.minimum(jnp.searchsorted(skip, ids), skip.shape[0] - 1)
+    drop = drop | (skip[place] == ids)
+    drop = drop[None, :] | (ids[None, :] == query_ids[:, None])
+    return lax.dynamic_update_slice_in_dim(
+      scores, jnp.where(drop, negative, dots), start, axis=1
+    )
+
+  num_rows = reader.num_rows
+  scores = jnp.zeros((queries.shape[0], num_rows), dtype)
+  scores = _row_scan.fold_chunks(
+    step, scores, num_rows, min(config.chunk_size, num_rows)
+  )
+  best, ids = lax.top_k(scores, min(config.k, num_rows))
+  ids = ids.astype(jnp.int32) + offset
+  if axis is not None:  # merge every device's candidates, in row order
+    best = lax.all_gather(best, axis, axis=1, tiled=True)
+    ids = lax.all_gather(ids, axis, axis=1, tiled=True)
+    best, place = lax.top_k(best, config.k)
+    ids = jnp.take_along_axis(ids, place, axis=1)
+  if config.metric == "euclidean":
+    best = -best
+  return ids, best

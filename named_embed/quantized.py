@@ -276,6 +276,118 @@ class QuantizedTable(pz.Struct, AbstractTable):
       return (self.vocabulary_axis,)
     return self._codes_axes()
 
+  # ------------------------------------------- inspection (every kind alike)
+
+  def nearest(
+    self,
+    query: Any,
+    k: int = 10,
+    metric: str = "cosine",
+    exclude: Any = None,
+  ) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """The ``k`` nearest rows: `named_embed.inspection.nearest`, on the rows
+    as lookups read them (dequantised), scored one chunk at a time (the float
+    table is never built).
+
+    Example:
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).quantized()
+    >>> ids, scores = table.nearest("cat", k=1)
+    >>> table.vocabulary.decode(ids.unwrap("neighbor"))
+    ['dog']
+    """
+    from named_embed import inspection
+
+    return inspection.nearest(self, query, k, metric, exclude)
+
+  def similarity(self, a: Any, b: Any, metric: str = "cosine") -> Any:
+    """Similarity of two queries: `named_embed.inspection.similarity`.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).quantized()
+    >>> round(float(table.similarity("cat", "car")), 2)
+    0.0
+    """
+    from named_embed import inspection
+
+    return inspection.similarity(self, a, b, metric)
+
+  def analogy(
+    self, positive: Any, negative: Any = (), k: int = 10
+  ) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """``a - b + c`` queries: `named_embed.inspection.analogy`.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).quantized()
+    >>> ids, _ = table.analogy(["dog"], ["cat"], k=1)
+    >>> table.vocabulary.decode(ids.unwrap("neighbor"))
+    ['car']
+    """
+    from named_embed import inspection
+
+    return inspection.analogy(self, positive, negative, k)
+
+  # ------------------------------------------------------------- resizing
+
+  def with_added_tokens(
+    self,
+    tokens: list[str],
+    init: Any = "mean",
+    *,
+    key: jax.Array | None = None,
+    roles: Any = None,
+    pad_to_multiple: int | None = None,
+  ) -> Any:
+    """Returns the table with new, distinct ``tokens`` in its vocabulary, as
+    `EmbeddingTable.with_added_tokens` does (its rules and arguments hold:
+    alignment rows filled first, the placement kept). Old codes and scales are kept bit for bit; new rows are made in float by ``init`` (``"mean"`` and ``"normal"`` from the dequantised token rows, read chunk by chunk in float32) and quantised with the table's scheme and group size.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).quantized()
+    >>> bigger = table.with_added_tokens(["<tool>"])
+    >>> bigger.vocab_size, bigger.vocabulary.id("<tool>")
+    (4, 3)
+    """
+    from named_embed import resizing
+
+    return resizing.add_tokens_quantized(
+      self, tokens, init, key=key, roles=roles, pad_to_multiple=pad_to_multiple
+    )
+
+  def resized(
+    self,
+    vocab_size: int,
+    init: Any = "mean",
+    *,
+    key: jax.Array | None = None,
+    pad_to_multiple: int | None = None,
+  ) -> Any:
+    """Returns the table with its first ``vocab_size`` tokens, or with rows
+    appended, as `EmbeddingTable.resized` does (new rows as in
+    `with_added_tokens`).
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).quantized()
+    >>> table.resized(2).vocab_size
+    2
+    """
+    from named_embed import resizing
+
+    return resizing.resize_quantized(
+      self, vocab_size, init, key=key, pad_to_multiple=pad_to_multiple
+    )
+
 
 DECODE_CHUNK_BYTES = 8 * 2**20
 """A quantised decode dequantises chunks of rows of about this many bytes."""

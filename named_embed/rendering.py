@@ -1,14 +1,17 @@
 """Rendering a table: a treescope summary line and a standalone HTML page.
 
-`EmbeddingTable.__treescope_repr__` adds `summarize`'s line (vocabulary
-size, axes, dtype, padding row, row-norm statistics) to penzai's usual
-struct rendering; `show` writes a page with the table's treescope view and
-its array, rows labelled by token.
+Every kind of table's ``__treescope_repr__`` adds its summary line (its
+``summary()``, via `summarize`: axes, dtype, padding row, and, for a float
+table, row-norm statistics) to penzai's usual struct rendering; `show`
+writes a page with the table's rows as lookups read them, labelled by
+token, and its treescope view. Nothing here asks which kind a table is:
+what differs comes from the table (``summary()``, ``row_parts()``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import math
 import os
@@ -16,15 +19,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import treescope
+from jax import lax
+from penzai import pz
 
-from named_embed import _norms, _table_arrays
-from named_embed.table import EmbeddingTable
+from named_embed import _norms, _row_scan, _row_source, _table_arrays
+from named_embed._table_kind import AbstractTable, check_table
 
 
 def show(
-  table: EmbeddingTable,
+  table: AbstractTable,
   path: str | os.PathLike[str],
   *,
   title: str | None = None,
@@ -33,17 +39,18 @@ def show(
 ) -> str:
   """Writes a standalone HTML page of ``table`` and returns its absolute path.
 
-  The page shows the summary line, then ``notes``, then the treescope
-  rendering of the table, whose embedding array is drawn with its rows
-  labelled by token (by id without a vocabulary): hovering a cell shows its
-  token. For a `QuantizedTable`, `LoraTable` or `TrainableRowsTable` the
-  labelled array is drawn after the structure: the rows as lookups read
-  them (dequantised, adapters added), built once for the page.
+  The page shows the summary line, then ``notes``, then the table's rows
+  as lookups read them (a float table's rows; a quantised table's
+  dequantised, an adapted table's merged), drawn with treescope, rows
+  labelled by token (by id without a vocabulary): hovering a cell shows
+  its token. Then the table's structure. Any kind of table, on any layout:
+  the rows are copied to the host one chunk at a time (as in
+  `named_embed._row_scan.host_rows`), and the page holds them as floats.
 
   Args:
     table: The table to show (bound, with concrete values).
     path: Where to write the page (UTF-8).
-    title: Page title; default ``"EmbeddingTable"``.
+    title: Page title; default the table's class name.
     max_cells: Larger arrays are drawn truncated to about this many cells.
     notes: Extra paragraphs of plain text shown under the summary, in order
       (e.g. how the table was trained, or its nearest neighbours). They are
@@ -52,6 +59,9 @@ def show(
 
   Returns:
     The absolute path of the page.
+
+  Raises:
+    TypeError: if ``table`` is not a named_embed table.
 
   Example:
 
@@ -63,17 +73,17 @@ def show(
   ...   page.is_absolute(), "treescope" in page.read_text()
   (True, True)
 
-  With notes (escaped, so they cannot inject markup):
+  With notes (escaped, so they cannot inject markup), of a quantised table:
 
   >>> with tempfile.TemporaryDirectory() as tmp:
   ...   text = pathlib.Path(rendering.show(
-  ...       table, pathlib.Path(tmp, "t.html"),
+  ...       table.quantized(), pathlib.Path(tmp, "t.html"),
   ...       notes=["trained 3 steps", "a < b"])).read_text()
   >>> '<pre class="note">trained 3 steps</pre>' in text, "a &lt; b" in text
   (True, True)
   """
-  plain = isinstance(table, EmbeddingTable)
-  value = table.value if plain else _rows_as_read(table)
+  check_table(table, "ne.show")
+  value = _rows_as_read(table)
   figure = treescope.render_array(
     value,
     rows=[table.vocabulary_axis],
@@ -84,18 +94,17 @@ def show(
     cutoff_size_per_axis=max_cells,
     pixels_per_cell=max(7, min(21, 300 // max(value.named_shape.values()))),
   )
+  spot = _FigureSpot()
 
   def autovisualizer(node: Any, _path: Any) -> Any:
-    if node is value:
-      return treescope.IPythonVisualization(figure, replace=False)
-    return None
+    if node is spot:  # the figure, drawn as itself (not as a Python object)
+      return treescope.IPythonVisualization(figure, replace=True)
+    return None  # no array of the tree is drawn: the rows are drawn above
 
   with treescope.active_autovisualizer.set_scoped(autovisualizer):
-    body = treescope.render_to_html(table, compressed=False)
-  if not plain:  # the float rows are not in the tree: draw them after it
-    body += "\n<p>The rows as read (dequantised, adapters added):</p>\n"
-    body += treescope.render_to_html(figure, compressed=False)
-  title = html.escape(title or "EmbeddingTable")
+    rows = treescope.render_to_html(spot, compressed=False)
+    tree = treescope.render_to_html(table, compressed=False)
+  title = html.escape(title or type(table).__name__)
   page = _PAGE.format(
     title=title,
     summary=html.escape(summarize(table)),
@@ -103,7 +112,8 @@ def show(
       f'<pre class="note">{html.escape(note)}</pre>\n'
       for note in ([notes] if isinstance(notes, str) else notes)
     ),
-    body=body,
+    rows=rows,
+    tree=tree,
   )
   path = os.path.abspath(os.fspath(path))
   with open(path, "w", encoding="utf-8") as f:
@@ -111,11 +121,16 @@ def show(
   return path
 
 
-def _rows_as_read(table: Any) -> Any:
-  """The float rows of a compressed or adapted table, as a NamedArray."""
-  if hasattr(table, "dequantized"):
-    return table.dequantized().value
-  return table.merged().value
+class _FigureSpot:
+  """Where `show` draws its figure (replaced by it when rendered)."""
+
+
+def _rows_as_read(table: AbstractTable) -> pz.nx.NamedArray:
+  """Every row of the table as lookups read it (alignment rows too), as a
+  NamedArray on the host's CPU device (treescope reads jax arrays)."""
+  rows = _row_scan.host_rows(table, table.num_rows)
+  rows = jax.device_put(rows, jax.local_devices(backend="cpu")[0])
+  return pz.nx.wrap(rows, table.vocabulary_axis, *table.embedding_axes)
 
 
 _PAGE = """<!DOCTYPE html>
@@ -124,13 +139,17 @@ _PAGE = """<!DOCTYPE html>
 pre.note {{ white-space: pre-wrap; background: #f4f4f4; padding: 0.5em; }}
 </style></head>
 <body><h1>{title}</h1><p><code>{summary}</code></p>
-{notes}<p>Hover over a cell of the array to see its token and value.</p>
-{body}
+{notes}<p>The rows as read by lookups (a quantised table's dequantised, an
+adapted table's with its adapters added). Hover over a cell to see its token
+and value.</p>
+{rows}
+<p>The table:</p>
+{tree}
 </body></html>
 """
 
 
-def row_labels(table: EmbeddingTable) -> list[str]:
+def row_labels(table: AbstractTable) -> list[str]:
   """Labels of the rows: their tokens, or ``"id i"`` without a vocabulary.
 
   A token that is empty or has white space at either end (``" "``,
@@ -160,11 +179,17 @@ def row_labels(table: EmbeddingTable) -> list[str]:
 # ------------------------------------------------------------------ summary
 
 
-def summarize(table: EmbeddingTable, statistics: bool = True) -> str:
-  """The one-line summary shown by treescope: shape, dtype, padding, norms.
+def summarize(table: AbstractTable, statistics: bool = True) -> str:
+  """The one-line summary shown by treescope: ``table.summary(statistics)``.
 
-  Row-norm statistics need concrete values: they are left out for traced
-  or unbound tables, or when ``statistics`` is False.
+  Every kind of table writes its own line. A float `EmbeddingTable`'s
+  gives its axes, dtype, pad token row, alignment rows and row-norm
+  statistics of its token rows (`row_norm_statistics`); a `QuantizedTable`'s
+  its scheme, groups and bytes, without norm statistics (it skips them);
+  a `LoraTable`'s or `TrainableRowsTable`'s its adapters or trained rows,
+  then its base's line (for a float base, with the *base's* norms).
+  Statistics need concrete values: they are left out for traced or unbound
+  tables, or when ``statistics`` is False.
 
   >>> import numpy as np, named_embed as ne
   >>> from named_embed import rendering
@@ -173,18 +198,23 @@ def summarize(table: EmbeddingTable, statistics: bool = True) -> str:
   vocabulary:2 × embedding:2 float32, padding row 0,
   row norms min 0 mean 2.5 max 5
 
-  A `QuantizedTable`, `LoraTable` or `TrainableRowsTable` gives its own
-  line (its ``summary()``): the scheme and bytes, the adapters, the
-  trained rows, then the base's line.
+  Raises:
+    TypeError: if ``table`` is not a named_embed table.
   """
-  if not isinstance(table, EmbeddingTable) and hasattr(table, "summary"):
-    return table.summary(statistics)
+  return check_table(table, "ne.summarize").summary(statistics)
+
+
+def embedding_table_summary(table: Any, statistics: bool = True) -> str:
+  """The summary line of a float `EmbeddingTable` (its ``summary()``).
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed import rendering
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32))
+  >>> rendering.embedding_table_summary(table.padded_to_multiple(4), False)
+  'vocabulary:4 × embedding:2 float32, no padding row, 3 tokens + 1 alignment row'
+  """
   value = _table_arrays.value_or_none(table.embeddings)
-  padding = "no padding row"
-  if table.padding_index is not None:
-    padding = f"padding row {table.padding_index}"
-    if table.vocabulary is not None:
-      padding += f" {table.vocabulary.token(table.padding_index)!r}"
+  padding = _padding_words(table)
   if value is None:
     kind = type(table.embeddings).__name__
     label = getattr(table.embeddings, "label", None)
@@ -195,23 +225,90 @@ def summarize(table: EmbeddingTable, statistics: bool = True) -> str:
     extra = value.named_shape[table.vocabulary_axis] - table.true_vocab_size
     rows = "alignment row" if extra == 1 else "alignment rows"
     parts.append(f"{table.true_vocab_size} tokens + {extra} {rows}")
-  data = getattr(value, "data_array", None)
-  concrete = isinstance(data, np.ndarray) or (
-    isinstance(data, jax.Array)
-    and not isinstance(data, jax.core.Tracer)
-    and not data.is_deleted()
-  )
-  if statistics and concrete:
-    norms = np.asarray(_norms.row_norms(table.token_rows(), 2.0, 1))
-    parts.append(
-      f"row norms min {norms.min():.3g} mean {norms.mean():.3g}"
-      f" max {norms.max():.3g}"
-    )
+  norms = row_norm_statistics(table) if statistics else None
+  if norms is not None:
+    low, mean, high = norms
+    parts.append(f"row norms min {low:.3g} mean {mean:.3g} max {high:.3g}")
   return ", ".join(parts)
 
 
+def _padding_words(table: Any) -> str:
+  if table.padding_index is None:
+    return "no padding row"
+  words = f"padding row {table.padding_index}"
+  if table.vocabulary is not None:
+    words += f" {table.vocabulary.token(table.padding_index)!r}"
+  return words
+
+
+def row_norm_statistics(
+  table: AbstractTable,
+) -> tuple[float, float, float] | None:
+  """``(min, mean, max)`` of the L2 norms of the token rows as lookups read
+  them (alignment rows left out, the pad token row kept), or None when the
+  table is unbound or traced. Any kind and layout: one jitted kernel reads
+  the rows chunk by chunk, each device its own (dequantised or merged one
+  chunk at a time).
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed import rendering
+  >>> table = ne.EmbeddingTable.from_pretrained(
+  ...     np.array([[0, 0], [3, 4]], np.float32)).padded_to_multiple(4)
+  >>> rendering.row_norm_statistics(table.quantized())
+  (0.0, 2.5, 5.0)
+  """
+  try:
+    source, arrays = table.row_parts()
+  except ValueError:  # unbound parameters
+    return None
+  if not _row_scan.is_concrete(arrays):
+    return None
+  chunk = _row_scan.chunk_rows(source, source.num_rows)
+  low, total, high = _norm_statistics(
+    arrays, source, table.rows_sharding, table.vocab_size, chunk
+  )
+  return float(low), float(total) / table.vocab_size, float(high)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _norm_statistics(arrays, source, rows_sharding, vocab_size, chunk):
+  arrays = _row_source.prepare(source, arrays, rows_sharding)
+
+  def body(reader, offset, axis):
+    dtype = _norms.accumulation_dtype(source.dtype)
+
+    def step(carry, start, size):
+      low, total, high = carry
+      norms = _norms.row_norms(reader.rows(start, size), 2.0, 1)
+      ids = offset + start + jnp.arange(size)
+      token = ids < vocab_size
+      big = jnp.asarray(jnp.inf, dtype)
+      low = jnp.minimum(low, jnp.min(jnp.where(token, norms, big)))
+      high = jnp.maximum(high, jnp.max(jnp.where(token, norms, -big)))
+      return low, total + jnp.sum(jnp.where(token, norms, 0)), high
+
+    start = (
+      jnp.asarray(jnp.inf, dtype),
+      jnp.zeros((), dtype),
+      jnp.asarray(-jnp.inf, dtype),
+    )
+    rows = reader.num_rows
+    low, total, high = _row_scan.fold_chunks(
+      step, start, rows, min(chunk, rows)
+    )
+    if axis is not None:
+      low, total, high = (
+        lax.pmin(low, axis),
+        lax.psum(total, axis),
+        lax.pmax(high, axis),
+      )
+    return low, total, high
+
+  return _row_scan.over_shards(body, source, arrays, rows_sharding)
+
+
 def treescope_repr(
-  table: EmbeddingTable, path: str | None, subtree_renderer: Any
+  table: AbstractTable, path: str | None, subtree_renderer: Any
 ) -> Any:
   """penzai's rendering of a struct, plus the `summarize` line as a comment.
 

@@ -22,14 +22,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from penzai import pz
 
-from named_embed import _table_arrays
+from named_embed import _quantization, _table_arrays, lora
 from named_embed._layout import mesh_axes
-from named_embed._new_rows import Init, new_rows
+from named_embed._new_rows import (
+  Init,
+  new_rows,
+  source_token_stats,
+  token_stats,
+)
 from named_embed._validation import check_positive_int
+from named_embed.lora import LoraTable
+from named_embed.quantized import QuantizedTable
 from named_embed.table import EmbeddingTable
+from named_embed.trainable_rows import TrainableRowsTable
 from named_embed.vocabulary import SPECIAL_ROLES, Vocabulary
 
 MAX_INFERRED_MULTIPLE = 128
@@ -58,22 +66,18 @@ def add_tokens(
   (2, [2.0, 3.0])
   """
   _check_table(table, "with_added_tokens")
-  tokens = _check_new_tokens(table, tokens)
-  vocabulary = _extended_vocabulary(table.vocabulary, tokens, roles)
+  vocabulary = _vocabulary_with(table, tokens, roles)
   if vocabulary == table.vocabulary:
     return table
   embeddings, true_size = _resized_rows(
     table, len(vocabulary), init, key, pad_to_multiple
   )
-  padding_index = table.padding_index
-  if padding_index is None:
-    padding_index = vocabulary.pad_id
   return dataclasses.replace(
     table,
     embeddings=embeddings,
     true_vocab_size=true_size,
     vocabulary=vocabulary,
-    padding_index=padding_index,
+    padding_index=_padding_with(table, vocabulary),
   )
 
 
@@ -95,6 +99,235 @@ def resize(
   [[0.0, 0.0], [0.0, 0.0]]
   """
   _check_table(table, "resized")
+  vocab_size, vocabulary = _vocabulary_of_size(table, vocab_size)
+  embeddings, true_size = _resized_rows(
+    table, vocab_size, init, key, pad_to_multiple
+  )
+  return dataclasses.replace(
+    table,
+    embeddings=embeddings,
+    true_vocab_size=true_size,
+    vocabulary=vocabulary,
+  )
+
+
+# ---------------------------------------------------- the other kinds
+
+
+def add_tokens_quantized(
+  table: QuantizedTable,
+  tokens: Iterable[str],
+  init: Init = "mean",
+  *,
+  key: jax.Array | None = None,
+  roles: Mapping[str, str] | None = None,
+  pad_to_multiple: int | None = None,
+) -> QuantizedTable:
+  """`add_tokens` of a `QuantizedTable` (`QuantizedTable.with_added_tokens`):
+  old codes and scales kept bit for bit; the new rows made in float by
+  ``init`` (``"mean"`` and ``"normal"`` from the dequantised token rows,
+  read chunk by chunk) and quantised with the table's scheme and groups.
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed import resizing
+  >>> q = ne.EmbeddingTable.from_pretrained(
+  ...     np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+  ... ).with_vocabulary(ne.Vocabulary(["a", "b"])).quantized()
+  >>> bigger = resizing.add_tokens_quantized(q, ["<tool>"])
+  >>> bigger.dequantized().rows_array()[2].round(2).tolist()
+  [2.0, 3.0]
+  """
+  vocabulary = _vocabulary_with(table, tokens, roles)
+  if vocabulary == table.vocabulary:
+    return table
+  codes, scales, true_size = _resized_codes(
+    table, len(vocabulary), init, key, pad_to_multiple
+  )
+  return dataclasses.replace(
+    table,
+    codes=codes,
+    scales=scales,
+    true_vocab_size=true_size,
+    vocabulary=vocabulary,
+    padding_index=_padding_with(table, vocabulary),
+  )
+
+
+def resize_quantized(
+  table: QuantizedTable,
+  vocab_size: int,
+  init: Init = "mean",
+  *,
+  key: jax.Array | None = None,
+  pad_to_multiple: int | None = None,
+) -> QuantizedTable:
+  """`resize` of a `QuantizedTable` (`QuantizedTable.resized`); new rows
+  as in `add_tokens_quantized`.
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed import resizing
+  >>> q = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32)
+  ...     ).quantized("int4")
+  >>> resizing.resize_quantized(q, 5, "zeros").dequantized().rows_array(
+  ...     ).tolist()[2:]
+  [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+  """
+  vocab_size, vocabulary = _vocabulary_of_size(table, vocab_size)
+  codes, scales, true_size = _resized_codes(
+    table, vocab_size, init, key, pad_to_multiple
+  )
+  return dataclasses.replace(
+    table,
+    codes=codes,
+    scales=scales,
+    true_vocab_size=true_size,
+    vocabulary=vocabulary,
+  )
+
+
+def add_tokens_lora(
+  table: LoraTable, tokens: Iterable[str], init: Init = "mean", **options
+) -> LoraTable:
+  """`LoraTable.with_added_tokens`: the base grows by its own
+  ``with_added_tokens`` (``options``: ``key``, ``roles``,
+  ``pad_to_multiple``), then ``A`` follows it (`lora_over`).
+
+  >>> import jax, numpy as np, named_embed as ne
+  >>> from named_embed import resizing
+  >>> lora = ne.EmbeddingTable.from_pretrained(np.ones((2, 2), np.float32)
+  ...     ).with_vocabulary(ne.Vocabulary(["a", "b"])).with_lora(
+  ...     1, name="e", init_base_rng=jax.random.key(0))
+  >>> resizing.add_tokens_lora(lora, ["c"]).lora_a.value.named_shape
+  {'vocabulary': 3, 'rank': 1}
+  """
+  return lora_over(table, table.base.with_added_tokens(tokens, init, **options))
+
+
+def resize_lora(
+  table: LoraTable, vocab_size: int, init: Init = "mean", **options
+) -> LoraTable:
+  """`LoraTable.resized`: the base resized by its own ``resized``, then
+  ``A`` follows it (`lora_over`).
+
+  >>> import jax, numpy as np, named_embed as ne
+  >>> from named_embed import resizing
+  >>> lora = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32)
+  ...     ).with_lora(1, name="e", init_base_rng=jax.random.key(0))
+  >>> resizing.resize_lora(lora, 2).num_rows
+  2
+  """
+  return lora_over(table, table.base.resized(vocab_size, init, **options))
+
+
+def add_tokens_trainable_rows(
+  table: TrainableRowsTable,
+  tokens: Iterable[str],
+  init: Init = "mean",
+  **options,
+) -> TrainableRowsTable:
+  """`TrainableRowsTable.with_added_tokens`: the base grows by its own
+  ``with_added_tokens``; the trained rows and their ids are kept (the new
+  tokens are frozen base rows).
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed import resizing
+  >>> rows = ne.EmbeddingTable.from_pretrained(np.ones((2, 2), np.float32)
+  ...     ).with_vocabulary(ne.Vocabulary(["a", "b"])).with_trainable_rows(
+  ...     ["b"], name="e")
+  >>> grown = resizing.add_tokens_trainable_rows(rows, ["c"])
+  >>> grown.vocab_size, grown.row_ids
+  (3, (1,))
+  """
+  base = table.base.with_added_tokens(tokens, init, **options)
+  return dataclasses.replace(table, base=base)
+
+
+def resize_trainable_rows(
+  table: TrainableRowsTable, vocab_size: int, init: Init = "mean", **options
+) -> TrainableRowsTable:
+  """`TrainableRowsTable.resized`: the base resized by its own
+  ``resized``; a shrink that would drop a trained row raises `ValueError`
+  (`check_trained_rows_kept`).
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed import resizing
+  >>> rows = ne.EmbeddingTable.from_pretrained(np.ones((5, 2), np.float32)
+  ...     ).with_trainable_rows([1], name="e")
+  >>> resizing.resize_trainable_rows(rows, 3).vocab_size
+  3
+  """
+  check_trained_rows_kept(table, check_positive_int("vocab_size", vocab_size))
+  base = table.base.resized(vocab_size, init, **options)
+  return dataclasses.replace(table, base=base)
+
+
+def lora_over(table: LoraTable, base: Any) -> LoraTable:
+  """``table``'s adapters over ``base``, ``table.base`` resized: ``A``'s
+  rows of the tokens kept are kept bit for bit, those of new tokens are
+  zero (their rows read as the base's), the alignment rows kept or zero;
+  ``B``, the labels and the placement are kept.
+
+  >>> import jax, numpy as np, named_embed as ne
+  >>> from named_embed import resizing
+  >>> lora = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32)
+  ...     ).with_lora(1, name="e", init_base_rng=jax.random.key(0))
+  >>> grown = resizing.lora_over(lora, lora.base.resized(5, "zeros"))
+  >>> grown.lora_a.value.named_shape, grown.lora_a.label
+  ({'vocabulary': 5, 'rank': 1}, 'e.lora_a')
+  """
+  a = _table_arrays.value_or_none(table.lora_a)
+  if a is None:
+    raise ValueError(
+      "Resizing a LoraTable needs its adapters bound; `lora_a` is an"
+      f" unbound {type(table.lora_a).__name__}."
+    )
+  names = (table.vocabulary_axis, lora.RANK_AXIS)
+  rows = a.order_as(*names).data_array
+  plan = _Plan.between(table, base)
+  grown = plan.grow(rows, jnp.zeros((plan.count, rows.shape[1]), rows.dtype))
+  value = pz.nx.wrap(grown, *names)
+  return dataclasses.replace(
+    table, base=base, lora_a=_table_arrays.held_like(table.lora_a, value)
+  )
+
+
+def check_trained_rows_kept(table: TrainableRowsTable, vocab_size: int):
+  """Raises `ValueError` if resizing ``table`` to ``vocab_size`` tokens
+  would drop some of its trained rows (named).
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed import resizing
+  >>> rows = ne.EmbeddingTable.from_pretrained(np.ones((6, 2), np.float32)
+  ...     ).with_trainable_rows([1, 5], name="e")
+  >>> resizing.check_trained_rows_kept(rows, 4)
+  Traceback (most recent call last):
+  ...
+  ValueError: resized(4) would drop the trained rows [5] of this TrainableRowsTable (its rows train ids (1, 5)). Keep at least 6 tokens, or merge first: `table.merged().resized(4)`.
+  """
+  dropped = [i for i in table.row_ids if i >= vocab_size]
+  if dropped:
+    raise ValueError(
+      f"resized({vocab_size}) would drop the trained rows {dropped} of this"
+      f" TrainableRowsTable (its rows train ids {table.row_ids}). Keep at"
+      f" least {max(dropped) + 1} tokens, or merge first:"
+      f" `table.merged().resized({vocab_size})`."
+    )
+
+
+def _vocabulary_with(table: Any, tokens: Any, roles: Any) -> Vocabulary:
+  """The vocabulary of ``table`` with ``tokens`` added (checked)."""
+  tokens = _check_new_tokens(table, tokens)
+  return _extended_vocabulary(table.vocabulary, tokens, roles)
+
+
+def _padding_with(table: Any, vocabulary: Vocabulary) -> int | None:
+  if table.padding_index is None:
+    return vocabulary.pad_id
+  return table.padding_index
+
+
+def _vocabulary_of_size(table: Any, vocab_size: int):
+  """``(vocab_size, vocabulary)`` of ``table`` resized (checked)."""
   vocab_size = check_positive_int("vocab_size", vocab_size)
   old = table.vocab_size
   vocabulary = table.vocabulary
@@ -111,15 +344,7 @@ def resize(
       vocabulary = Vocabulary(
         vocabulary.tokens[:vocab_size], **vocabulary.roles
       )
-  embeddings, true_size = _resized_rows(
-    table, vocab_size, init, key, pad_to_multiple
-  )
-  return dataclasses.replace(
-    table,
-    embeddings=embeddings,
-    true_vocab_size=true_size,
-    vocabulary=vocabulary,
-  )
+  return vocab_size, vocabulary
 
 
 def row_multiple(
@@ -257,6 +482,58 @@ def _check_nothing_special_dropped(table: EmbeddingTable, size: int) -> None:
 # -------------------------------------------------------------------- rows
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Where the rows of a resized table come from: rows ``[0, keep)`` kept,
+  ``count`` new ones, then alignment rows up to ``num_rows``: the old ones
+  ``[start, stop)`` that remain (``aligned``), zeros elsewhere."""
+
+  keep: int
+  count: int
+  aligned: tuple[int, int]
+  num_rows: int
+
+  @classmethod
+  def of(cls, old_tokens: int, old_rows: int, tokens: int, rows: int):
+    keep = min(old_tokens, tokens)
+    aligned = (max(old_tokens, tokens), min(old_rows, rows))
+    return cls(keep, tokens - keep, aligned, rows)
+
+  @classmethod
+  def between(cls, old: Any, new: Any) -> _Plan:
+    """The plan that made table ``new`` from table ``old``."""
+    return cls.of(old.vocab_size, old.num_rows, new.vocab_size, new.num_rows)
+
+  def grow(self, array: jax.Array, fill: jax.Array, sharding=None):
+    """``array`` (rows first) resized by this plan, ``fill`` its new rows,
+    placed like ``array`` (its own `NamedSharding`, else ``sharding``)."""
+    own = getattr(array, "sharding", None)
+    sharding = own if isinstance(own, NamedSharding) else sharding
+    work, work_sharding = _auto_view(array, sharding)
+    if work_sharding is not None:  # the new rows, replicated on that mesh
+      fill = jax.device_put(
+        fill, NamedSharding(work_sharding.mesh, PartitionSpec())
+      )
+    assemble = functools.partial(
+      _assemble, keep=self.keep, aligned=self.aligned, num_rows=self.num_rows
+    )
+    out = jax.jit(assemble, out_shardings=work_sharding)(work, fill)
+    if sharding is not None:
+      out = jax.device_put(out, sharding)  # Explicit again: no copy
+    return out
+
+
+def _sizes(table: Any, sharding, vocab_size: int, pad_to_multiple):
+  """``(plan, true_vocab_size)`` of ``table`` resized to ``vocab_size``
+  tokens, or None when nothing changes."""
+  multiple = row_multiple(table, sharding, pad_to_multiple)
+  num_rows = -(-vocab_size // multiple) * multiple
+  if vocab_size == table.vocab_size and num_rows == table.num_rows:
+    return None, table.true_vocab_size
+  plan = _Plan.of(table.vocab_size, table.num_rows, vocab_size, num_rows)
+  return plan, (vocab_size if num_rows > vocab_size else None)
+
+
 def _resized_rows(
   table: EmbeddingTable,
   vocab_size: int,
@@ -269,30 +546,73 @@ def _resized_rows(
   alignment rows up to the multiple, placed like the old rows."""
   rows, axes = table.rows_and_axes()
   sharding = _named_sharding(table, rows)
-  multiple = row_multiple(table, sharding, pad_to_multiple)
-  num_rows = -(-vocab_size // multiple) * multiple
-  old = table.vocab_size
-  if vocab_size == old and num_rows == rows.shape[0]:
-    new_rows(table, rows, 0, init, key)  # still checks `init`
-    return table.embeddings, table.true_vocab_size
-  keep = min(old, vocab_size)
-  work, work_sharding = _auto_view(rows, sharding)
-  fill = new_rows(table, work, vocab_size - keep, init, key)
-  # Rows past the tokens: the old alignment rows that remain, as they were;
-  # zeros for the rest (dropped tokens, rows added for the multiple).
-  aligned = (max(old, vocab_size), min(rows.shape[0], num_rows))
-  assemble = functools.partial(
-    _assemble, keep=keep, aligned=aligned, num_rows=num_rows
+  plan, true_size = _sizes(table, sharding, vocab_size, pad_to_multiple)
+  count = 0 if plan is None else plan.count
+  work, _ = _auto_view(rows, sharding)
+  stats = functools.partial(
+    token_stats, work, table.vocab_size, table.padding_index
   )
-  assembled = jax.jit(assemble, out_shardings=work_sharding)(work, fill)
-  if sharding is not None:
-    assembled = jax.device_put(assembled, sharding)  # Explicit again: no copy
-  value = pz.nx.wrap(assembled, table.vocabulary_axis, *axes)
-  true_size = vocab_size if num_rows > vocab_size else None
+  fill = new_rows(
+    table, rows.shape[1:], rows.dtype, count, init, key, stats
+  )  # with no plan: still checks `init`
+  if plan is None:
+    return table.embeddings, true_size
+  value = pz.nx.wrap(
+    plan.grow(rows, fill, sharding), table.vocabulary_axis, *axes
+  )
   return _table_arrays.held_like(table.embeddings, value), true_size
 
 
-def _named_sharding(table: EmbeddingTable, rows: jax.Array):
+def _resized_codes(
+  table: QuantizedTable,
+  vocab_size: int,
+  init: Init,
+  key: jax.Array | None,
+  pad_to_multiple: int | None,
+):
+  """``(codes, scales, true_vocab_size)`` of a quantised table with
+  ``vocab_size`` tokens: old codes and scales kept, new rows quantised."""
+  source, (codes, scales) = table.row_parts()
+  sharding = _named_sharding(table, codes)
+  plan, true_size = _sizes(table, sharding, vocab_size, pad_to_multiple)
+  count = 0 if plan is None else plan.count
+  stats = functools.partial(source_token_stats, table)
+  fill = new_rows(
+    table, source.row_shape, source.dtype, count, init, key, stats
+  )
+  if plan is None:
+    return table.codes, table.scales, true_size
+  _quantization.check_finite(fill)
+  if plan.count:
+    fill_codes, fill_scales = _quantized_rows(
+      fill, source.bits, source.group_size
+    )
+  else:  # nothing to quantise (quantising no rows divides by zero)
+    fill_codes = jnp.zeros((0, *codes.shape[1:]), codes.dtype)
+    fill_scales = jnp.zeros((0, *scales.shape[1:]), scales.dtype)
+  codes = plan.grow(codes, fill_codes, sharding)
+  scales = plan.grow(scales, fill_scales, _lead_only(sharding, scales))
+  return (
+    pz.nx.wrap(codes, *table.codes.named_axes),
+    pz.nx.wrap(scales, *table.scales.named_axes),
+    true_size,
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantized_rows(rows, bits, group_size):
+  return _quantization.quantize(rows, bits, group_size)
+
+
+def _lead_only(sharding: NamedSharding | None, array: jax.Array):
+  """``sharding``'s split of the rows, for another array led by them."""
+  if sharding is None or not len(sharding.spec):
+    return None
+  spec = PartitionSpec(sharding.spec[0], *([None] * (array.ndim - 1)))
+  return NamedSharding(sharding.mesh, spec)
+
+
+def _named_sharding(table: Any, rows: jax.Array):
   if table.rows_sharding is not None:
     return table.rows_sharding
   sharding = getattr(rows, "sharding", None)
@@ -321,7 +641,7 @@ def _assemble(rows, fill, *, keep: int, aligned: tuple[int, int], num_rows):
   (start, stop)`` (the old alignment rows that remain), zeros elsewhere."""
   zeros = lambda n: jnp.zeros((max(n, 0), *rows.shape[1:]), rows.dtype)  # noqa: E731
   start, stop = aligned
-  parts = [rows[:keep], fill]
+  parts = [rows[:keep], fill.astype(rows.dtype)]
   done = keep + fill.shape[0]
   if stop > start:
     parts += [zeros(start - done), rows[start:stop]]

@@ -810,3 +810,17 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     from named_embed import rendering
 
     return rendering.treescope_repr(self, path, subtree_renderer)
+
+  def summary(self, statistics: bool = True) -> str:
+    """The treescope summary line (see `named_embed.summarize`): axes,
+    dtype, pad token row, alignment rows and, unless ``statistics`` is
+    False or the table is traced or unbound, the norms of the token rows.
+
+    >>> import numpy as np, named_embed as ne
+    >>> ne.EmbeddingTable.from_pretrained(
+    ...     np.array([[3, 4], [0, 1]], np.float32)).summary()
+    'vocabulary:2 × embedding:2 float32, no padding row, row norms min 1 mean 3 max 5'
+    """
+    from named_embed import rendering
+
+    return rendering.embedding_table_summary(self, statistics)

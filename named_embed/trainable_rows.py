@@ -142,6 +142,183 @@ class TrainableRowsTable(pz.Struct, _adapted.AdaptedTable):
 
     return rendering.treescope_repr(self, path, subtree_renderer)
 
+  # ------------------------------------------- inspection (every kind alike)
+
+  def nearest(
+    self,
+    query: Any,
+    k: int = 10,
+    metric: str = "cosine",
+    exclude: Any = None,
+  ) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """The ``k`` nearest rows: `named_embed.inspection.nearest`, on the rows
+    as lookups read them (trained rows written in), scored one chunk at a time (the float
+    table is never built).
+
+    Example:
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).with_trainable_rows(
+    ...     ["dog"], name="e")
+    >>> ids, scores = table.nearest("cat", k=1)
+    >>> table.vocabulary.decode(ids.unwrap("neighbor"))
+    ['dog']
+    """
+    from named_embed import inspection
+
+    return inspection.nearest(self, query, k, metric, exclude)
+
+  def similarity(self, a: Any, b: Any, metric: str = "cosine") -> Any:
+    """Similarity of two queries: `named_embed.inspection.similarity`.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).with_trainable_rows(
+    ...     ["dog"], name="e")
+    >>> round(float(table.similarity("cat", "car")), 2)
+    0.0
+    """
+    from named_embed import inspection
+
+    return inspection.similarity(self, a, b, metric)
+
+  def analogy(
+    self, positive: Any, negative: Any = (), k: int = 10
+  ) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """``a - b + c`` queries: `named_embed.inspection.analogy`.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).with_trainable_rows(
+    ...     ["dog"], name="e")
+    >>> ids, _ = table.analogy(["dog"], ["cat"], k=1)
+    >>> table.vocabulary.decode(ids.unwrap("neighbor"))
+    ['car']
+    """
+    from named_embed import inspection
+
+    return inspection.analogy(self, positive, negative, k)
+
+  # ------------------------------------------------------------- resizing
+
+  def with_added_tokens(
+    self,
+    tokens: list[str],
+    init: Any = "mean",
+    *,
+    key: jax.Array | None = None,
+    roles: Any = None,
+    pad_to_multiple: int | None = None,
+  ) -> Any:
+    """Returns the table with new, distinct ``tokens`` in its vocabulary, as
+    `EmbeddingTable.with_added_tokens` does (its rules and arguments hold:
+    alignment rows filled first, the placement kept). The base grows; the trained rows and ``row_ids`` are kept, so the new tokens are frozen base rows. To train them too, choose the trainable rows after adding the tokens (``base.with_added_tokens([...]).with_trainable_rows([...])``).
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).with_trainable_rows(
+    ...     ["dog"], name="e")
+    >>> bigger = table.with_added_tokens(["<tool>"])
+    >>> bigger.vocab_size, bigger.vocabulary.id("<tool>")
+    (4, 3)
+    """
+    from named_embed import resizing
+
+    return resizing.add_tokens_trainable_rows(
+      self, tokens, init, key=key, roles=roles, pad_to_multiple=pad_to_multiple
+    )
+
+  def resized(
+    self,
+    vocab_size: int,
+    init: Any = "mean",
+    *,
+    key: jax.Array | None = None,
+    pad_to_multiple: int | None = None,
+  ) -> Any:
+    """Returns the table with its first ``vocab_size`` tokens, or with rows
+    appended, as `EmbeddingTable.resized` does (new rows as in
+    `with_added_tokens`). A shrink that would drop a trained row raises `ValueError`.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [1, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"])).with_trainable_rows(
+    ...     ["dog"], name="e")
+    >>> table.resized(2).vocab_size
+    2
+    """
+    from named_embed import resizing
+
+    return resizing.resize_trainable_rows(
+      self, vocab_size, init, key=key, pad_to_multiple=pad_to_multiple
+    )
+
+  # ------------------------------------------- adapters do not stack
+
+  def with_lora(self, *args: Any, **kwargs: Any) -> Any:
+    """Refuses: adapters do not stack.
+
+    Raises:
+      TypeError: always. A TrainableRowsTable's adapters train over one frozen
+        base; fold them in first (``table.merged().with_lora(...)``).
+
+    >>> import jax, numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32))
+    >>> table = table.with_trainable_rows([0], name="e")
+    >>> table.with_lora(2, name="e", init_base_rng=jax.random.key(0))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: TrainableRowsTable.with_lora: adapters do not stack...
+    """
+    raise TypeError(_no_stacking("with_lora", "a LoRA adapter"))
+
+  def with_trainable_rows(self, *args: Any, **kwargs: Any) -> Any:
+    """Refuses: adapters do not stack.
+
+    Raises:
+      TypeError: always; fold the adapters in first
+        (``table.merged().with_trainable_rows(...)``).
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32))
+    >>> table = table.with_trainable_rows([0], name="e")
+    >>> table.with_trainable_rows([1], name="e")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: TrainableRowsTable.with_trainable_rows: adapters do not stack...
+    """
+    raise TypeError(_no_stacking("with_trainable_rows", "trainable rows"))
+
+  def quantized(self, *args: Any, **kwargs: Any) -> Any:
+    """Refuses: the table's rows are a frozen base plus trained parts.
+
+    Raises:
+      TypeError: always; fold the adapters in, then quantise
+        (``table.merged().quantized(...)``).
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32))
+    >>> table = table.with_trainable_rows([0], name="e")
+    >>> table.quantized("int8")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: TrainableRowsTable.quantized: a TrainableRowsTable holds a frozen base and the parts that train over it...
+    """
+    raise TypeError(
+      "TrainableRowsTable.quantized: a TrainableRowsTable holds a frozen base and the parts that"
+      " train over it, so there is no one float table to quantise (and the"
+      " trained parts would stop training). Fold them in first, then"
+      " quantise: `table.merged().quantized(...)` (a frozen QuantizedTable);"
+      " to train over a quantised base, quantise the base before adapting"
+      " it: `base.quantized(...).with_lora(...)`."
+    )
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainableRowsSource(_row_source.RowSource):
@@ -366,4 +543,16 @@ def with_trainable_rows(
       label=f"{name}.trainable_rows",
     ),
     row_ids=row_ids,
+  )
+
+
+def _no_stacking(method: str, what: str) -> str:
+  """The message of a TrainableRowsTable asked to take another adapter."""
+  return (
+    f"TrainableRowsTable.{method}: adapters do not stack. A TrainableRowsTable's trained rows"
+    f" train over a frozen base, and {what} would have to train over"
+    " the adapted rows, which are not a frozen table. Fold this table's"
+    f" adapters in first: `table.merged().{method}(...)` (a float base;"
+    " quantise it before adapting, `table.merged().quantized()."
+    f"{method}(...)`, to keep a quantised base)."
   )

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors
+from penzai import pz
 from safetensors.numpy import load_file, save_file
 
 import named_embed as ne
@@ -172,9 +174,37 @@ def test_alignment_rows_written_on_request_and_read_back(tmp_path):
     ne.from_safetensors(every, key=KEY, true_vocab_size=9)
 
 
+def test_to_safetensors_writes_the_rows_as_read_of_every_kind(tmp_path):
+  table = ne.EmbeddingTable.from_pretrained(vectors(dim=4)).padded_to_multiple(
+    8
+  )
+  lora = table.quantized("int4").with_lora(
+    1, name="e", init_base_rng=jax.random.key(0)
+  )
+  lora.lora_a.value = pz.nx.wrap(np.full((8, 1), 0.5, np.float32)).tag(
+    "vocabulary", "rank"
+  )
+  q = table.quantized("int8")
+  rows = q.with_trainable_rows([1, 4], name="r")
+  for adapted, ref in [
+    (q, q.dequantized()),
+    (lora, lora.merged()),
+    (rows, rows.merged()),
+  ]:
+    path = tmp_path / f"{type(adapted).__name__}.safetensors"
+    ne.to_safetensors(adapted, path, KEY)
+    assert load_file(path)[KEY].tobytes() == (
+      np.asarray(ref.token_rows()).tobytes()
+    )
+    ne.to_safetensors(adapted, path, KEY, alignment_rows=True)
+    assert load_file(path)[KEY].tobytes() == (
+      np.asarray(ref.rows_array()).tobytes()
+    )
+
+
 def test_to_safetensors_errors(tmp_path):
   table = ne.EmbeddingTable.from_pretrained(vectors())
-  with pytest.raises(TypeError, match="writes an EmbeddingTable"):
+  with pytest.raises(TypeError, match="must be a named_embed table"):
     ne.to_safetensors(vectors(), tmp_path / "x.safetensors", KEY)
   with pytest.raises(TypeError, match="tensor name"):
     ne.to_safetensors(table, tmp_path / "x.safetensors", 3)

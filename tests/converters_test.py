@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import data, raw
 from flax import linen, nnx
+from penzai import pz
 
 import named_embed as ne
 from named_embed import formats
@@ -235,3 +236,59 @@ def test_from_brainstate_errors():
     formats.from_brainstate(multi, embedding_axes=("a", "b"))
   with pytest.raises(TypeError, match="`weight.value`"):
     formats.from_brainstate(WEIGHT)
+
+
+# ------------------------------------------------- compressed and adapted
+
+
+def test_every_kind_exports_its_token_rows_as_read():
+  table = ne.EmbeddingTable.from_pretrained(
+    np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+  ).padded_to_multiple(8)
+  lora = table.quantized("int4").with_lora(
+    1, name="e", init_base_rng=jax.random.key(0)
+  )
+  a = np.linspace(-1, 1, 8, dtype=np.float32)[:, None]
+  lora.lora_a.value = pz.nx.wrap(a).tag("vocabulary", "rank")
+  q = table.quantized("int8")
+  rows = table.with_trainable_rows([2], name="r")
+  rows.rows.value = pz.nx.wrap(np.ones((1, 4), np.float32)).tag(
+    "rows", "embedding"
+  )
+  for adapted, ref in [
+    (q, q.dequantized()),
+    (lora, lora.merged()),
+    (rows, rows.merged()),
+  ]:
+    want = np.asarray(ref.token_rows())
+    assert want.shape == (5, 4)
+    flax = formats.to_flax(adapted)["params"]["embedding"]
+    assert isinstance(flax, jax.Array)
+    np.testing.assert_array_equal(np.asarray(flax), want)
+    module = linen.Embed(num_embeddings=5, features=4)
+    np.testing.assert_array_equal(
+      np.asarray(module.apply(formats.to_flax(adapted), jnp.asarray(IDS))),
+      want[IDS],
+    )
+    torch = formats.to_torch_weight(adapted)
+    assert isinstance(torch, np.ndarray)
+    np.testing.assert_array_equal(torch, want)
+    np.testing.assert_array_equal(
+      np.asarray(formats.to_brainstate_weight(adapted)), want
+    )
+
+
+def test_exports_refuse_what_is_not_a_table():
+  embed = pz.nn.EmbeddingTable(
+    embeddings=pz.nx.wrap(WEIGHT).tag("vocabulary", "embedding"),
+    vocabulary_axis="vocabulary",
+  )
+  for export in (
+    formats.to_flax,
+    formats.to_torch_weight,
+    formats.to_brainstate_weight,
+  ):
+    with pytest.raises(TypeError, match="penzai's own pz.nn.EmbeddingTable"):
+      export(embed)
+    with pytest.raises(TypeError, match=r"got an array \(ndarray"):
+      export(WEIGHT)

@@ -334,3 +334,182 @@ def test_show_writes_a_page_with_token_labels(tmp_path):
   page = ne.show(trainable, tmp_path / "c.html")
   text = pathlib.Path(page).read_text(encoding="utf-8")
   assert '"lookup_table": ["id 0", "id 1", "id 2"]' in text
+
+
+# ------------------------------------------------- every kind of table
+
+
+def kinds_of(table):
+  """The kinds of table over ``table``, with non-trivial adapters, and
+  their float references (dequantised or merged)."""
+  lora = table.quantized("int4").with_lora(
+    2, 3.0, name="e", init_base_rng=jax.random.key(1)
+  )
+  a = np.random.default_rng(2).normal(size=(table.num_rows, 2))
+  lora.lora_a.value = pz.nx.wrap(a.astype(np.float32)).tag("vocabulary", "rank")
+  rows = table.quantized("int8").with_trainable_rows([3, 9, 12], name="r")
+  trained = np.random.default_rng(3).normal(size=(3, 6)).astype(np.float32)
+  rows.rows.value = pz.nx.wrap(trained).tag("rows", "embedding")
+  q8, q4 = table.quantized("int8"), table.quantized("int4", group_size=2)
+  return {
+    "int8": (q8, q8.dequantized()),
+    "int4": (q4, q4.dequantized()),
+    "lora": (lora, lora.merged()),
+    "rows": (rows, rows.merged()),
+  }
+
+
+KIND_NAMES = ["int8", "int4", "lora", "rows"]
+
+
+@pytest.fixture(params=[False, True], ids=["one_chunk", "chunks"])
+def chunked(request, monkeypatch):
+  """Chunks of 8 rows (20 rows: two and a ragged last one), or one."""
+  from named_embed import _row_scan
+
+  if request.param:
+    monkeypatch.setattr(_row_scan, "CHUNK_BYTES", 8 * 6 * 4)
+  return request.param
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+@pytest.mark.parametrize("metric", inspection.METRICS)
+def test_every_kind_searches_its_rows_as_read(kind, metric, chunked, run):
+  table, ref = kinds_of(make_table(padding_index=0).padded_to_multiple(8))[kind]
+  frozen = pz.freeze_params(table)
+  queries = ["w1", "w4", "w12"]
+
+  def search(t):
+    return t.nearest(queries, k=6, metric=metric, exclude=["w2"])
+
+  ids, scores = run(search, frozen)
+  want_ids, want_scores = search(ref)
+  np.testing.assert_array_equal(
+    unwrap(ids, "query", "neighbor"), unwrap(want_ids, "query", "neighbor")
+  )
+  np.testing.assert_allclose(
+    unwrap(scores, "query", "neighbor"),
+    unwrap(want_scores, "query", "neighbor"),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  rows = np.asarray(ref.token_rows(), np.float64)
+  for q, word in enumerate(queries):  # numpy on the rows as read
+    i = WORDS.index(word)
+    got, _ = ref_nearest(rows, rows[i], metric, 6, excluded=[0, 2, i])
+    np.testing.assert_array_equal(unwrap(ids, "query", "neighbor")[q], got)
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_every_kind_takes_vectors_similarity_and_analogy(kind, chunked):
+  table, ref = kinds_of(make_table())[kind]
+  vector = pz.nx.wrap(np.linspace(-1, 1, 6, dtype=np.float32)).tag("embedding")
+  for got, want in [
+    (table.nearest(vector, k=20), ref.nearest(vector, k=20)),
+    (
+      ne.analogy(table, ["w1", "w5"], ["w3"], 4),
+      ref.analogy(["w1", "w5"], ["w3"], 4),
+    ),
+  ]:
+    np.testing.assert_array_equal(
+      unwrap(got[0], "neighbor"), unwrap(want[0], "neighbor")
+    )
+    np.testing.assert_allclose(
+      unwrap(got[1], "neighbor"), unwrap(want[1], "neighbor"), rtol=1e-5
+    )
+  for metric in inspection.METRICS:
+    np.testing.assert_allclose(
+      float(table.similarity("w1", vector, metric)),
+      float(ref.similarity("w1", vector, metric)),
+      rtol=1e-6,
+    )
+  rows = np.asarray(ref.rows_array(), np.float64)
+  np.testing.assert_allclose(
+    float(ne.similarity(table, 2, 7, "dot")), rows[2] @ rows[7], rtol=1e-5
+  )
+
+
+def test_a_bfloat16_table_is_scored_in_float32():
+  import ml_dtypes
+
+  table = make_table()
+  half = ne.EmbeddingTable.from_pretrained(
+    np.asarray(table.rows_array()).astype(ml_dtypes.bfloat16)
+  )
+  ids, scores = half.nearest(3, k=4)
+  rows = np.asarray(half.rows_array()).astype(np.float64)
+  want, _ = ref_nearest(rows, rows[3], "cosine", 4, excluded=[3])
+  np.testing.assert_array_equal(unwrap(ids, "neighbor"), want)
+  assert scores.dtype == jnp.float32
+
+
+WRONG = [
+  (np.ones((3, 2), np.float32), "got an array"),
+  (
+    pz.nn.EmbeddingTable(
+      embeddings=pz.nx.wrap(np.ones((3, 2), np.float32)).tag(
+        "vocabulary", "embedding"
+      ),
+      vocabulary_axis="vocabulary",
+    ),
+    "penzai's own pz.nn.EmbeddingTable",
+  ),
+  ("w1", "got builtins.str"),
+]
+
+
+@pytest.mark.parametrize("wrong, words", WRONG, ids=["array", "penzai", "str"])
+def test_a_wrong_table_argument_is_a_type_error_naming_it(
+  wrong, words, tmp_path
+):
+  layer = ne.EmbeddingLookup(make_table())
+  calls = {
+    "ne.nearest": lambda t: ne.nearest(t, "w1"),
+    "ne.similarity": lambda t: ne.similarity(t, "w1", "w2"),
+    "ne.analogy": lambda t: ne.analogy(t, ["w1"]),
+    "ne.summarize": lambda t: ne.summarize(t),
+    "ne.show": lambda t: ne.show(t, tmp_path / "x.html"),
+  }
+  for name, call in calls.items():
+    with pytest.raises(TypeError, match=rf"{name}: `table` must be .*{words}"):
+      call(wrong)
+    with pytest.raises(
+      TypeError, match=r"EmbeddingLookup layer: pass its table"
+    ):
+      call(layer)
+
+
+def test_summary_of_every_kind_with_alignment_rows():
+  table = make_table(padding_index=0).padded_to_multiple(8)
+  line = ne.summarize(table)
+  norms = np.linalg.norm(flat_rows(make_table()), axis=1)
+  assert line.startswith(
+    "vocabulary:24 × embedding:6 float32, padding row 0 'w0', 20 tokens + 4"
+    " alignment rows, row norms min "
+  )
+  assert f"mean {norms.mean():.3g} max {norms.max():.3g}" in line
+  assert table.summary(statistics=False) == line.split(", row norms")[0]
+  for kind, (adapted, ref) in kinds_of(table).items():
+    text = treescope.render_to_text(adapted)
+    assert type(adapted).__name__ + "(  # " in text.splitlines()[0]
+    low, mean, high = ne.rendering.row_norm_statistics(adapted)
+    ref_norms = np.linalg.norm(np.asarray(ref.token_rows()), axis=1)
+    np.testing.assert_allclose(
+      [low, mean, high],
+      [ref_norms.min(), ref_norms.mean(), ref_norms.max()],
+      rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_show_draws_the_rows_as_read_of_every_kind(kind, tmp_path):
+  from named_embed import rendering
+
+  table, ref = kinds_of(make_table(padding_index=3).padded_to_multiple(8))[kind]
+  page = pathlib.Path(ne.show(table, tmp_path / "t.html")).read_text()
+  assert f"<title>{type(table).__name__}</title>" in page
+  assert '"w3 (padding)"' in page and "rows as read" in page
+  drawn = rendering._rows_as_read(table)
+  np.testing.assert_array_equal(
+    unwrap(drawn, "vocabulary", "embedding"), np.asarray(ref.rows_array())
+  )

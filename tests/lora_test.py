@@ -361,3 +361,61 @@ def test_tables_that_take_no_adapters():
   unbound, _ = pz.unbind_params(trainable)
   with pytest.raises(ValueError, match="unbound"):
     unbound.with_lora(2, name="e", init_base_rng=key)
+
+
+# -------------------------------------- stacking, inspection, resizing
+
+
+@pytest.mark.parametrize("quantised", [False, True], ids=["float", "int8"])
+def test_adapters_do_not_stack_and_say_what_to_do(quantised):
+  base = ne.EmbeddingTable.from_pretrained(W)
+  lora = lora_table(base.quantized("int8") if quantised else base)
+  key = jax.random.key(0)
+  with pytest.raises(
+    TypeError,
+    match=r"LoraTable.with_lora: adapters do not"
+    r" stack.*`table.merged\(\).with_lora\(...\)`",
+  ):
+    lora.with_lora(2, name="again", init_base_rng=key)
+  with pytest.raises(
+    TypeError,
+    match=r"LoraTable.with_trainable_rows: .*"
+    r"`table.merged\(\).with_trainable_rows\(...\)`",
+  ):
+    lora.with_trainable_rows([1], name="rows")
+  with pytest.raises(
+    TypeError,
+    match=r"LoraTable.quantized: .*"
+    r"`table.merged\(\).quantized\(...\)`",
+  ):
+    lora.quantized("int4")
+  # what the messages suggest works
+  again = lora.merged().with_lora(2, name="again", init_base_rng=key)
+  assert isinstance(again, ne.LoraTable)
+  assert isinstance(
+    lora.merged().quantized().with_trainable_rows([1], name="r"),
+    ne.TrainableRowsTable,
+  )
+
+
+def test_inspection_reads_the_merged_rows():
+  lora = lora_table(ne.EmbeddingTable.from_pretrained(W).quantized("int4"))
+  merged = lora.merged()
+  rows = raw(merged.value, "vocabulary", "embedding").astype(np.float64)
+  ids, scores = lora.nearest(4, k=3, metric="dot")
+  dots = rows @ rows[4]
+  dots[4] = -np.inf
+  np.testing.assert_array_equal(
+    np.asarray(ids.unwrap("neighbor")), np.argsort(-dots)[:3]
+  )
+  np.testing.assert_allclose(
+    np.asarray(scores.unwrap("neighbor")), np.sort(dots)[::-1][:3], rtol=1e-5
+  )
+  assert float(lora.similarity(2, 5, "dot")) == pytest.approx(
+    rows[2] @ rows[5], rel=1e-5
+  )
+  got, _ = lora.analogy([1, 2], [3], k=2)
+  want, _ = merged.analogy([1, 2], [3], k=2)
+  np.testing.assert_array_equal(
+    np.asarray(got.unwrap("neighbor")), np.asarray(want.unwrap("neighbor"))
+  )

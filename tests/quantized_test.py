@@ -352,3 +352,41 @@ def test_masks_reductions_and_the_error_policy_work_as_for_a_float_table():
     lookup(q, np.array([1, 2])),
     raw(dense.value, "vocabulary", "embedding")[1:3],
   )
+
+
+# ----------------------------------------------- inspection and resizing
+
+
+@pytest.mark.parametrize("scheme, group", SCHEMES)
+def test_inspection_reads_the_dequantised_rows(scheme, group):
+  q = table().quantized(scheme, group)
+  dense = q.dequantized()
+  rows = raw(dense.value, "vocabulary", "embedding").astype(np.float64)
+  for metric in ("cosine", "dot", "euclidean"):
+    got, got_scores = q.nearest([2, 30], k=5, metric=metric, exclude=[7])
+    want, want_scores = dense.nearest([2, 30], k=5, metric=metric, exclude=[7])
+    np.testing.assert_array_equal(
+      raw(got, "query", "neighbor"), raw(want, "query", "neighbor")
+    )
+    np.testing.assert_allclose(
+      raw(got_scores, "query", "neighbor"),
+      raw(want_scores, "query", "neighbor"),
+      rtol=1e-5,
+    )
+  distance = np.linalg.norm(rows[3] - rows[9])
+  assert float(q.similarity(3, 9, "euclidean")) == pytest.approx(
+    distance, rel=1e-5
+  )
+  got, _ = q.analogy([1, 2], [3], k=3)
+  want, _ = dense.analogy([1, 2], [3], k=3)
+  np.testing.assert_array_equal(raw(got, "neighbor"), raw(want, "neighbor"))
+
+
+def test_a_quantised_table_adapts_but_does_not_quantise_again():
+  q = table().quantized("int8")
+  assert isinstance(
+    q.with_lora(2, name="e", init_base_rng=jax.random.key(0)), ne.LoraTable
+  )
+  assert isinstance(q.with_trainable_rows([1], name="r"), ne.TrainableRowsTable)
+  with pytest.raises(TypeError, match=r"dequantized\(\).quantized\('int4'\)"):
+    q.quantized("int4")

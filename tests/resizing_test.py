@@ -370,3 +370,141 @@ def test_mean_rows_bound_new_token_probability_on_minilm():
   assert float(p_new[:, 30522:].max()) <= (1 / n) * (1 + 1e-4)
   kl = jnp.sum(p_old * (jnp.log(p_old) - jnp.log(p_new[:, :30522])), axis=-1)
   assert float(kl.max()) <= np.log1p(k / n) * (1 + 1e-3)
+
+
+# ------------------------------------------------- compressed and adapted
+
+
+def parts(table):
+  """The raw arrays of a table's row source, on the host."""
+  return [np.asarray(a) for a in table.row_parts()[1]]
+
+
+def quantised_reference(rows, scheme, group_size):
+  """Rows through a float table's own quantisation, read back (numpy)."""
+  q = ne.EmbeddingTable.from_pretrained(np.asarray(rows, np.float32)).quantized(
+    scheme, group_size
+  )
+  return np.asarray(q.dequantized().rows_array())
+
+
+@pytest.mark.parametrize(
+  "scheme, group_size", [("int8", None), ("int4", 2)], ids=["int8", "int4"]
+)
+def test_a_quantised_table_quantises_its_new_rows(scheme, group_size):
+  q = (
+    make_table(freeze=True).padded_to_multiple(8).quantized(scheme, group_size)
+  )
+  bigger = q.with_added_tokens(["<tool>", "</tool>", "a", "b"])
+  assert isinstance(bigger, ne.QuantizedTable)
+  assert (bigger.scheme, bigger.group_size) == (scheme, group_size)
+  assert (bigger.num_rows, bigger.vocab_size) == (
+    32,
+    V + 4,
+  )  # 3 filled, 16 added
+  assert bigger.vocabulary.encode(["b"]) == [V + 3]
+  for old, new in zip(parts(q), parts(bigger)):  # codes and scales
+    assert new[:V].tobytes() == old[:V].tobytes()  # bit for bit
+    assert not new[V + 4 :].any()  # alignment rows: zero codes and scales
+  dequantised = np.asarray(q.dequantized().token_rows())
+  mean = token_mean(dequantised)  # of the dequantised rows, pad left out
+  new_rows = np.asarray(bigger.dequantized().rows_array())[V : V + 4]
+  np.testing.assert_allclose(
+    new_rows,
+    quantised_reference(np.tile(mean, (4, 1)), scheme, group_size),
+    rtol=1e-6,
+    atol=1e-7,
+  )
+  # Exact rows come back quantised exactly as the float table's would.
+  given = np.random.default_rng(5).normal(size=(2, D)).astype(np.float32)
+  explicit = q.with_added_tokens(["x", "y"], given)
+  np.testing.assert_array_equal(
+    np.asarray(explicit.dequantized().rows_array())[V : V + 2],
+    quantised_reference(given, scheme, group_size),
+  )
+  with pytest.raises(ValueError, match="Name them"):
+    q.resized(V + 1)  # a vocabulary grows by tokens only
+  shrunk = bigger.resized(6)
+  assert shrunk.vocabulary.tokens == TOKENS[:6]
+  assert (shrunk.num_rows, shrunk.true_vocab_size) == (32, 6)  # the multiple
+  for old, new in zip(parts(q), parts(shrunk)):
+    assert new[:6].tobytes() == old[:6].tobytes()
+    assert not new[6:].any()
+
+
+def test_a_quantised_table_refuses_new_rows_it_cannot_hold():
+  q = make_table(freeze=True).quantized("int8")
+  bad = np.full((1, D), np.nan, np.float32)
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    q.with_added_tokens(["x"], bad)
+  with pytest.raises(ValueError, match=r"'<unk>' \(row 1\) is already"):
+    q.with_added_tokens(["<unk>"])
+  normal = q.with_added_tokens(
+    [f"n{i}" for i in range(400)], "normal", key=jax.random.key(0)
+  )
+  spread = np.asarray(q.dequantized().token_rows())[1:].std()
+  new = np.asarray(normal.dequantized().rows_array())[V:]
+  assert abs(new.std() / spread - 1) < 0.05
+
+
+@pytest.mark.parametrize("quantised", [False, True], ids=["float", "int4"])
+def test_lora_grows_its_base_and_zero_rows_of_a(quantised):
+  base = make_table(freeze=True)
+  if quantised:
+    base = base.quantized("int4")
+  lora = base.with_lora(2, name="emb", init_base_rng=jax.random.key(0))
+  a = np.random.default_rng(4).normal(size=(V, 2)).astype(np.float32)
+  lora.lora_a.value = pz.nx.wrap(a).tag("vocabulary", "rank")
+  bigger = lora.with_added_tokens(["<tool>", "</tool>"], pad_to_multiple=8)
+  assert isinstance(bigger, ne.LoraTable)
+  assert (bigger.num_rows, bigger.vocab_size) == (16, V + 2)
+  assert isinstance(bigger.base, type(base))
+  assert bigger.lora_a.label == "emb.lora_a" and not bigger.frozen
+  new_a = np.asarray(
+    bigger.lora_a.value.order_as("vocabulary", "rank").data_array
+  )
+  assert new_a[:V].tobytes() == a.tobytes()
+  assert not new_a[V:].any()  # new tokens and alignment rows: zero
+  assert bigger.lora_b is lora.lora_b  # B unchanged
+  merged = np.asarray(bigger.merged().rows_array())
+  base_rows = (
+    np.asarray(bigger.base.dequantized().rows_array())
+    if quantised
+    else (np.asarray(bigger.base.rows_array()))
+  )
+  np.testing.assert_array_equal(merged[V:], base_rows[V:])  # rows as the base's
+  np.testing.assert_allclose(
+    merged[:V], np.asarray(lora.merged().rows_array()), rtol=1e-6
+  )
+  shrunk = bigger.resized(5)
+  assert shrunk.num_rows == 16  # the inferred multiple (16 rows)
+  assert shrunk.lora_a.value.named_shape == {"vocabulary": 16, "rank": 2}
+  np.testing.assert_array_equal(
+    np.asarray(shrunk.lora_a.value.order_as("vocabulary", "rank").data_array)[
+      :5
+    ],
+    a[:5],
+  )
+
+
+def test_trainable_rows_grow_their_base_and_keep_their_rows():
+  table = make_table(freeze=True).quantized("int8")
+  rows_table = table.with_trainable_rows(["t3", "t8"], name="emb")
+  trained = np.random.default_rng(6).normal(size=(2, D)).astype(np.float32)
+  rows_table.rows.value = pz.nx.wrap(trained).tag("rows", "embedding")
+  bigger = rows_table.with_added_tokens(["<tool>"])
+  assert isinstance(bigger, ne.TrainableRowsTable)
+  assert bigger.row_ids == rows_table.row_ids  # the new token is frozen
+  assert bigger.rows is rows_table.rows
+  assert bigger.vocab_size == V + 1 and isinstance(
+    bigger.base, ne.QuantizedTable
+  )
+  merged = np.asarray(bigger.merged().rows_array())
+  np.testing.assert_array_equal(merged[list(bigger.row_ids)], trained)
+  mean = token_mean(np.asarray(table.dequantized().token_rows()))
+  np.testing.assert_allclose(
+    merged[V], quantised_reference(mean[None], "int8", None)[0], rtol=1e-6
+  )
+  assert bigger.resized(11).row_ids == rows_table.row_ids == (5, 10)
+  with pytest.raises(ValueError, match=r"drop the trained rows \[10\]"):
+    bigger.resized(6)

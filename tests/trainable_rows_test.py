@@ -199,3 +199,57 @@ def test_token_strings_need_a_vocabulary_and_alignment_rows_are_not_tokens():
     plain.padded_to_multiple(8).with_trainable_rows([19], name="e")
   with pytest.raises(ValueError, match="`name`"):
     plain.with_trainable_rows([1], name="")
+
+
+# -------------------------------------- stacking, inspection, resizing
+
+
+def test_trained_rows_do_not_stack_and_say_what_to_do():
+  rows = base().with_trainable_rows(["<tool>"], name="r")
+  with pytest.raises(
+    TypeError,
+    match=r"TrainableRowsTable.with_lora: adapters"
+    r" do not stack.*`table.merged\(\).with_lora\(...\)`",
+  ):
+    rows.with_lora(2, name="e", init_base_rng=jax.random.key(0))
+  with pytest.raises(
+    TypeError,
+    match=r"TrainableRowsTable.with_trainable_rows"
+    r": .*`table.merged\(\).with_trainable_rows\(...\)`",
+  ):
+    rows.with_trainable_rows(["w1"], name="again")
+  with pytest.raises(
+    TypeError,
+    match=r"TrainableRowsTable.quantized: .*"
+    r"`table.merged\(\).quantized\(...\)`",
+  ):
+    rows.quantized()
+  merged = rows.merged().with_trainable_rows(["w1", "<tool>"], name="again")
+  assert merged.row_ids == (1, 17)
+
+
+def test_inspection_reads_the_trained_rows():
+  values = RNG.normal(size=(3, D)).astype(np.float32)
+  rows = with_rows(base().with_trainable_rows(list(CHOSEN), name="r"), values)
+  merged = rows.merged()
+  for query in ("w3", "<tool>"):
+    got, got_scores = rows.nearest(query, k=4)
+    want, want_scores = merged.nearest(query, k=4)
+    np.testing.assert_array_equal(
+      np.asarray(got.unwrap("neighbor")), np.asarray(want.unwrap("neighbor"))
+    )
+    np.testing.assert_allclose(
+      np.asarray(got_scores.unwrap("neighbor")),
+      np.asarray(want_scores.unwrap("neighbor")),
+      rtol=1e-6,
+    )
+  table_rows = raw(merged.value, "vocabulary", "embedding")
+  np.testing.assert_array_equal(table_rows[list(CHOSEN)], values)
+  assert float(rows.similarity("<tool>", "w3", "dot")) == pytest.approx(
+    float(values[1] @ values[0]), rel=1e-6
+  )
+  got, _ = rows.analogy(["<tool>", "w1"], ["w2"], k=2)
+  want, _ = merged.analogy(["<tool>", "w1"], ["w2"], k=2)
+  np.testing.assert_array_equal(
+    np.asarray(got.unwrap("neighbor")), np.asarray(want.unwrap("neighbor"))
+  )

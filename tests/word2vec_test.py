@@ -13,9 +13,11 @@ import struct
 import subprocess
 import sys
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from penzai import pz
 
 import named_embed as ne
 from named_embed import formats
@@ -427,3 +429,52 @@ def test_progress_piped_to_another_process_has_no_carriage_return(tmp_path):
     "vectors.bin:   0% ",
     "vectors.bin: 100% ",
   ]
+
+
+# ------------------------------------------------- compressed and adapted
+
+
+def adapted_kinds(table):
+  """Every kind over ``table``, the adapters moved off their start."""
+  lora = table.quantized("int8").with_lora(
+    1, name="e", init_base_rng=jax.random.key(0)
+  )
+  a = np.linspace(-1, 1, table.num_rows, dtype=np.float32)[:, None]
+  lora.lora_a.value = pz.nx.wrap(a).tag("vocabulary", "rank")
+  rows = table.with_trainable_rows([1, 3], name="r")
+  rows.rows.value = pz.nx.wrap(np.full((2, 3), 0.5, np.float32)).tag(
+    "rows", "embedding"
+  )
+  q = table.quantized("int8")
+  return {
+    "int8": (q, q.dequantized()),
+    "lora": (lora, lora.merged()),
+    "rows": (rows, rows.merged()),
+  }
+
+
+@pytest.mark.parametrize("kind", ["int8", "lora", "rows"])
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_every_kind_saves_its_token_rows_as_read(tmp_path, kind, binary):
+  table = (
+    ne.EmbeddingTable.from_pretrained(VECTORS)
+    .with_vocabulary(ne.Vocabulary(TOKENS))
+    .padded_to_multiple(4)
+  )
+  adapted, ref = adapted_kinds(table)[kind]
+  path = tmp_path / "vectors.bin"
+  formats.save_word2vec(adapted, path, binary=binary)
+  back = formats.load_word2vec(path, binary=binary)
+  assert back.vocabulary.tokens == tuple(TOKENS)
+  want = np.asarray(ref.token_rows())
+  assert bits(back.rows_array()).tobytes() == bits(want).tobytes()
+  assert not np.array_equal(want, VECTORS)  # the rows as read, not the base
+
+
+def test_save_refuses_what_is_not_a_table(tmp_path):
+  with pytest.raises(TypeError, match="ne.save_word2vec: `table` must be"):
+    formats.save_word2vec(VECTORS, tmp_path / "x.txt")
+  layer = ne.EmbeddingLookup(ne.EmbeddingTable.from_pretrained(VECTORS))
+  with pytest.raises(TypeError, match="pass its table"):
+    formats.save_word2vec(layer, tmp_path / "x.txt")
+  assert os.listdir(tmp_path) == []

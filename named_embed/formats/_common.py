@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from named_embed import _row_scan
+from named_embed._table_kind import AbstractTable
 from named_embed.table import EmbeddingTable
 from named_embed.vocabulary import Vocabulary
 
@@ -69,7 +71,9 @@ def build_table(
 
 
 def host_rows(table: EmbeddingTable) -> np.ndarray:
-  """The ``[vocabulary, *embedding]`` array on the host, C-contiguous.
+  """The ``[vocabulary, *embedding]`` array of a float table on the host,
+  C-contiguous (alignment rows included). For any kind of table, use
+  `float_rows`.
 
   bfloat16 comes back as ``ml_dtypes.bfloat16``, bit for bit.
 
@@ -81,9 +85,29 @@ def host_rows(table: EmbeddingTable) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(table.rows_array()))
 
 
-def flat_host_rows(table: EmbeddingTable, target: str) -> np.ndarray:
-  """The token rows (alignment rows left out) of a table with one embedding
-  axis, on the host; refuses the others.
+def float_rows(
+  table: AbstractTable, alignment_rows: bool = False
+) -> np.ndarray:
+  """The float rows of any kind of table on the host, as lookups read them
+  (a quantised table's dequantised, an adapted table's merged), in the
+  table's dtype: the token rows, or every row with ``alignment_rows``.
+
+  Built one chunk at a time on the table's devices (`named_embed._row_scan`):
+  works on every layout, and never holds the float table on a device.
+
+  >>> import numpy as np, named_embed as ne
+  >>> q = ne.EmbeddingTable.from_pretrained(
+  ...     np.array([[1, 2], [3, 4], [5, 6]], np.float32)).quantized()
+  >>> float_rows(q).round(2).tolist()
+  [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+  """
+  stop = table.num_rows if alignment_rows else table.vocab_size
+  return _row_scan.host_rows(table, stop)
+
+
+def flat_host_rows(table: AbstractTable, target: str) -> np.ndarray:
+  """The token rows (alignment rows left out) of a table of any kind with
+  one embedding axis, on the host (`float_rows`); refuses the others.
 
   ``target`` names the format in the error message (e.g. ``"word2vec"``).
   Flattening silently would lose the axis structure, so the caller is told
@@ -95,13 +119,13 @@ def flat_host_rows(table: EmbeddingTable, target: str) -> np.ndarray:
   >>> flat_host_rows(t, "word2vec")
   Traceback (most recent call last):
   ...
-  ValueError: word2vec holds one vector of numbers per row, but this table has 2 embedding axes {'a': 3, 'b': 4}. Flatten them first if that is what you want: ne.EmbeddingTable.from_pretrained(table.rows_array().reshape(table.vocab_size, -1), padding_index=table.padding_index).with_vocabulary(table.vocabulary).
+  ValueError: word2vec holds one vector of numbers per row, but this table has 2 embedding axes {'a': 3, 'b': 4}. Flatten them first if that is what you want: ne.EmbeddingTable.from_pretrained(ne.to_brainstate_weight(table).reshape(table.vocab_size, -1), padding_index=table.padding_index).with_vocabulary(table.vocabulary).
   """
   check_one_axis(table, target)
-  return np.ascontiguousarray(np.asarray(table.token_rows()))
+  return float_rows(table)
 
 
-def check_one_axis(table: EmbeddingTable, target: str) -> None:
+def check_one_axis(table: AbstractTable, target: str) -> None:
   """Raises unless ``table`` has exactly one embedding axis (see above).
 
   >>> import numpy as np, named_embed as ne
@@ -113,8 +137,9 @@ def check_one_axis(table: EmbeddingTable, target: str) -> None:
     raise ValueError(
       f"{target} holds one vector of numbers per row, but this table has"
       f" {len(axes)} embedding axes {axes}. Flatten them first if that is"
-      " what you want: ne.EmbeddingTable.from_pretrained(table.rows_array()"
-      ".reshape(table.vocab_size, -1), padding_index=table.padding_index)"
+      " what you want: ne.EmbeddingTable.from_pretrained("
+      "ne.to_brainstate_weight(table).reshape(table.vocab_size, -1),"
+      " padding_index=table.padding_index)"
       ".with_vocabulary(table.vocabulary)."
     )
 

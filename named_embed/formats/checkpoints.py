@@ -25,11 +25,10 @@ import os
 import posixpath
 from typing import Any
 
-import numpy as np
-
+from named_embed._table_kind import AbstractTable, check_table
 from named_embed._validation import check_positive_int
 from named_embed.formats._atomic import replacing
-from named_embed.formats._common import available, host_rows
+from named_embed.formats._common import available, float_rows
 from named_embed.table import EmbeddingTable
 from named_embed.vocabulary import Vocabulary
 
@@ -82,7 +81,7 @@ def tensor_file(path: str | os.PathLike[str], key: str) -> str:
 
 
 def to_safetensors(
-  table: EmbeddingTable,
+  table: AbstractTable,
   path: str | os.PathLike[str],
   key: str,
   *,
@@ -98,6 +97,11 @@ def to_safetensors(
   named_embed-specific is kept: use `named_embed.save` for a lossless
   table file, and pass the vocabulary again to `from_safetensors`.
 
+  Any kind of table is written as lookups read it (a quantised table's
+  rows dequantised, an adapted table's merged: the float rows a model
+  expects), from any layout: the rows are copied to the host one chunk at
+  a time (`named_embed.formats._common.float_rows`).
+
   Args:
     table: A table whose embeddings are bound.
     path: Destination, conventionally ending in ``.safetensors``.
@@ -107,8 +111,8 @@ def to_safetensors(
       rows for 262,145 tokens). Default: the token rows only.
 
   Raises:
-    TypeError: if ``table`` is not an `EmbeddingTable`, or ``key`` is not a
-      string.
+    TypeError: if ``table`` is not a named_embed table, or ``key`` is not
+      a string.
     ValueError: if ``key`` is empty or the table is unbound.
 
   Example:
@@ -122,21 +126,23 @@ def to_safetensors(
   ...   ne.to_safetensors(table, path, key="model.embed_tokens.weight")
   ...   load_file(path)["model.embed_tokens.weight"].shape
   (5, 3)
+
+  A quantised table gives its dequantised rows:
+
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   path = os.path.join(tmp, "embed.safetensors")
+  ...   ne.to_safetensors(table.quantized("int8"), path, key="w")
+  ...   load_file(path)["w"].dtype, load_file(path)["w"].shape
+  (dtype('float32'), (5, 3))
   """
   from safetensors.numpy import save_file
 
-  if not isinstance(table, EmbeddingTable):
-    raise TypeError(
-      f"to_safetensors() writes an EmbeddingTable; got {type(table).__name__}."
-    )
+  check_table(table, "ne.to_safetensors")
   if not isinstance(key, str):
     raise TypeError(f"`key` must be a tensor name (a str), got {key!r}.")
   if not key:
     raise ValueError("`key` must be a non-empty tensor name.")
-  if alignment_rows:
-    rows = host_rows(table)
-  else:
-    rows = np.ascontiguousarray(np.asarray(table.token_rows()))
+  rows = float_rows(table, alignment_rows=alignment_rows)
   with replacing(path) as temp:
     save_file({key: rows}, temp, metadata={"format": "pt"})
 

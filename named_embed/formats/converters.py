@@ -18,15 +18,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from named_embed._table_kind import AbstractTable, check_table
 from named_embed.formats._common import (
   VocabularyLike,
   available,
   build_table,
   check_one_axis,
   flat_host_rows,
+  float_rows,
 )
 from named_embed.table import EmbeddingTable
 
@@ -120,15 +123,20 @@ def _flax_embedding(tree: Any) -> Any:
   )
 
 
-def to_flax(table: EmbeddingTable) -> dict[str, dict[str, jax.Array]]:
+def to_flax(table: AbstractTable) -> dict[str, dict[str, jax.Array]]:
   """The table as flax ``Embed`` variables ``{"params": {"embedding": ...}}``.
 
   The array is ``[vocab_size, features]`` in the table's dtype, usable as
   ``flax.linen.Embed(vocab_size, features).apply(variables, ids)`` or
-  assigned to ``nnx.Embed(...).embedding.value``. flax has no padding row:
+  assigned to ``nnx.Embed(...).embedding.value``: the token rows as
+  lookups read them (alignment rows left out), on the default device. Any
+  kind of table: a quantised table's rows come dequantised, an adapted
+  table's merged; any layout: the rows are copied out one chunk at a time
+  (`named_embed.formats._common.float_rows`). flax has no padding row:
   ``padding_index`` and the vocabulary are not carried.
 
   Raises:
+    TypeError: if ``table`` is not a named_embed table.
     ValueError: for a table with several embedding axes (flax's ``Embed``
       has one ``features`` axis).
 
@@ -139,9 +147,13 @@ def to_flax(table: EmbeddingTable) -> dict[str, dict[str, jax.Array]]:
   >>> table = ne.EmbeddingTable.from_pretrained(np.ones((5, 3), np.float32))
   >>> formats.to_flax(table)["params"]["embedding"].shape
   (5, 3)
+  >>> q = formats.to_flax(table.padded_to_multiple(4).quantized("int8"))
+  >>> q["params"]["embedding"].shape, q["params"]["embedding"].dtype
+  ((5, 3), dtype('float32'))
   """
+  check_table(table, "ne.to_flax")
   check_one_axis(table, "flax's Embed")
-  return {"params": {"embedding": table.token_rows()}}
+  return {"params": {"embedding": jnp.asarray(float_rows(table))}}
 
 
 # -------------------------------------------------------------------- torch
@@ -235,27 +247,35 @@ def from_torch(module: Any, **kwargs: Any) -> EmbeddingTable:
   return from_torch_weight(module.weight, padding_idx, **kwargs)
 
 
-def to_torch_weight(table: EmbeddingTable) -> np.ndarray:
+def to_torch_weight(table: AbstractTable) -> np.ndarray:
   """The ``[vocab_size, embedding_dim]`` numpy array for ``nn.Embedding``.
 
-  Build the module with ``nn.Embedding.from_pretrained(torch.from_numpy(w),
+  The token rows as lookups read them (alignment rows left out; a
+  quantised table's dequantised, an adapted table's merged), copied to
+  the host one chunk at a time, from any layout. Build the module with
+  ``nn.Embedding.from_pretrained(torch.from_numpy(w),
   padding_idx=table.padding_index)``. A bfloat16 table gives an
   ``ml_dtypes.bfloat16`` array, which torch cannot take directly:
   ``torch.from_numpy(w.astype(np.float32)).bfloat16()`` is exact.
 
   Raises:
+    TypeError: if ``table`` is not a named_embed table.
     ValueError: for a table with several embedding axes (torch's
       ``nn.Embedding`` has one ``embedding_dim``).
 
   Example:
 
-  >>> import numpy as np, named_embed as ne
+  >>> import jax, numpy as np, named_embed as ne
   >>> from named_embed import formats
   >>> table = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32))
   >>> w = formats.to_torch_weight(table)
   >>> type(w).__name__, w.shape, w.dtype
   ('ndarray', (4, 2), dtype('float32'))
+  >>> rows = table.with_trainable_rows([1], name="e")
+  >>> formats.to_torch_weight(rows).tolist() == w.tolist()
+  True
   """
+  check_table(table, "ne.to_torch_weight")
   return flat_host_rows(table, "torch's nn.Embedding")
 
 
@@ -326,20 +346,28 @@ def from_brainstate(
   )
 
 
-def to_brainstate_weight(table: EmbeddingTable) -> jax.Array:
+def to_brainstate_weight(table: AbstractTable) -> jax.Array:
   """The ``[num_embeddings, *embedding_size]`` array for brainstate.
 
   Use it as ``brainstate.nn.Embedding.from_pretrained(w,
   padding_idx=table.padding_index)``; multi-axis tables keep their shape
-  (brainstate's ``embedding_size`` may be a tuple).
+  (brainstate's ``embedding_size`` may be a tuple). The token rows as
+  lookups read them (as in `to_flax`: any kind, any layout), on the
+  default device.
+
+  Raises:
+    TypeError: if ``table`` is not a named_embed table.
 
   Example:
 
   >>> import numpy as np, named_embed as ne
   >>> from named_embed import formats
   >>> table = ne.EmbeddingTable.from_pretrained(
-  ...     np.ones((6, 2, 3), np.float32), embedding_axes=("heads", "dim"))
+  ...     np.ones((6, 2, 4), np.float32), embedding_axes=("heads", "dim"))
   >>> formats.to_brainstate_weight(table).shape
-  (6, 2, 3)
+  (6, 2, 4)
+  >>> formats.to_brainstate_weight(table.quantized("int4")).shape
+  (6, 2, 4)
   """
-  return table.token_rows()
+  check_table(table, "ne.to_brainstate_weight")
+  return jnp.asarray(float_rows(table))

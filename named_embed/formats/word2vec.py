@@ -27,10 +27,12 @@ from typing import BinaryIO, TextIO
 import jax
 import numpy as np
 
+from named_embed._row_scan import host_row_chunks
+from named_embed._table_kind import AbstractTable, check_table
 from named_embed._validation import check_float_dtype, check_positive_int
 from named_embed.formats import _word2vec_readers as readers
 from named_embed.formats._atomic import replacing
-from named_embed.formats._common import build_table, flat_host_rows
+from named_embed.formats._common import build_table, check_one_axis
 from named_embed.table import EmbeddingTable
 from named_embed.vocabulary import Vocabulary
 
@@ -309,7 +311,7 @@ class _LogLines:
 
 
 def save_word2vec(
-  table: EmbeddingTable,
+  table: AbstractTable,
   path: str | os.PathLike[str],
   *,
   binary: bool = False,
@@ -327,6 +329,12 @@ def save_word2vec(
   (or none); the next save of ``path`` deletes the temporaries of saves
   that were killed, never those of saves still running (docs/formats.md).
 
+  Any kind of table is written as lookups read it (a quantised table's
+  rows dequantised, an adapted table's merged), its token rows only, from
+  any layout: the rows are copied to the host and written one chunk at a
+  time, so neither the device nor the host holds a float copy of the whole
+  table.
+
   Args:
     table: A table with one embedding axis and a vocabulary.
     path: Destination file.
@@ -335,6 +343,7 @@ def save_word2vec(
       (text only).
 
   Raises:
+    TypeError: if ``table`` is not a named_embed table.
     ValueError: for a table without a vocabulary, with several embedding
       axes, a float64 table in binary, ``binary`` without ``header``, or a
       token that is empty or contains a space, ``\\n`` or ``\\r``.
@@ -354,10 +363,7 @@ def save_word2vec(
   the 0.1 2.0
   cat -3.5 1e-08
   """
-  if not isinstance(table, EmbeddingTable):
-    raise TypeError(
-      f"save_word2vec() writes an EmbeddingTable; got {type(table).__name__}."
-    )
+  check_table(table, "ne.save_word2vec")
   if table.vocabulary is None:
     raise ValueError(
       "save_word2vec: word2vec files name every row with its token, but this"
@@ -369,21 +375,22 @@ def save_word2vec(
       "save_word2vec: word2vec binary files always start with a header;"
       " header=False (GloVe) is for text files only."
     )
-  rows = flat_host_rows(table, "A word2vec file")
+  check_one_axis(table, "A word2vec file")
   tokens = table.vocabulary.tokens
   _check_tokens(tokens)
-  if binary and rows.dtype.itemsize > 4:
+  dtype = np.dtype(table.dtype)
+  if binary and dtype.itemsize > 4:
     raise ValueError(
       f"save_word2vec: word2vec binary stores float32, which would round this"
-      f" {rows.dtype} table. Save it as text (binary=False), or cast it first."
+      f" {dtype} table. Save it as text (binary=False), or cast it first."
     )
+  (dimension,) = table.embedding_axes.values()
+  write = _write_binary if binary else _write_text
   with replacing(path) as temp, open(temp, "wb") as f:
     if header:
-      f.write(f"{rows.shape[0]} {rows.shape[1]}\n".encode())
-    if binary:
-      _write_binary(f, tokens, rows)
-    else:
-      _write_text(f, tokens, rows)
+      f.write(f"{table.vocab_size} {dimension}\n".encode())
+    for start, rows in host_row_chunks(table):
+      write(f, tokens[start : start + rows.shape[0]], rows)
 
 
 def _check_tokens(tokens: tuple[str, ...]) -> None:
@@ -403,6 +410,7 @@ def _chunks(rows: np.ndarray):
 
 
 def _write_text(f: BinaryIO, tokens: tuple[str, ...], rows: np.ndarray):
+  """Writes ``rows``, one line each, after their ``tokens``."""
   wide = np.float64 if rows.dtype.itemsize > 4 else np.float32
   for start, chunk in _chunks(rows):
     text = chunk.astype(wide).astype(str)
@@ -414,6 +422,7 @@ def _write_text(f: BinaryIO, tokens: tuple[str, ...], rows: np.ndarray):
 
 
 def _write_binary(f: BinaryIO, tokens: tuple[str, ...], rows: np.ndarray):
+  """Writes ``rows``, one record each, after their ``tokens``."""
   for start, chunk in _chunks(rows):
     data = chunk.astype("<f4")
     f.write(
