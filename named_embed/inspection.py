@@ -56,7 +56,8 @@ def nearest(
   vector queries may. The padding row is never returned.
 
   Args:
-    table: The table to search.
+    table: The table to search: any kind (`EmbeddingTable`,
+      `QuantizedTable`, `LoraTable`, `TrainableRowsTable`), on any layout.
     query: A token, an id, a list of either (batch axis ``"query"``), an
       integer `NamedArray` of ids, or a float `NamedArray` with the
       table's embedding axes and any batch axes (a plain array shaped like
@@ -74,6 +75,8 @@ def nearest(
     (``inf`` distance).
 
   Raises:
+    TypeError: if ``table`` is not a named_embed table (the message says
+      what to pass), or for a query of the wrong type.
     KeyError: for a token not in the vocabulary.
     ValueError: for a bad ``k`` or ``metric``, or a query whose axes do not
       fit the table.
@@ -117,6 +120,10 @@ def similarity(
   Returns:
     A float `NamedArray` with the batch axes of ``a`` and ``b`` (none for
     two tokens: ``float(...)`` gives the number).
+
+  Raises:
+    TypeError: if ``table`` is not a named_embed table.
+    ValueError: for a bad ``metric``.
 
   Example:
 
@@ -171,6 +178,7 @@ def analogy(
     ``(ids, scores)`` as in `nearest`, scores being cosine similarities.
 
   Raises:
+    TypeError: if ``table`` is not a named_embed table.
     ValueError: if there are no inputs at all.
 
   Example:

@@ -156,11 +156,12 @@ def test_nearest_similarity_analogy_equal_the_float_table(kind, layout):
   )
 
 
-@pytest.mark.parametrize("kind", ["int4", "lora_int4"])
-def test_a_split_search_never_gathers_the_rows(kind):
+@pytest.mark.parametrize("mesh_kind", ["explicit", "auto"])
+@pytest.mark.parametrize("kind", ["int4", "lora_int4", "rows_int8"])
+def test_a_split_search_never_gathers_the_rows(kind, mesh_kind):
   from named_embed import inspection
 
-  table, _ = placed(kind, ("explicit", True))
+  table, _ = placed(kind, (mesh_kind, True))
   source, arrays = table.row_parts()
   config = inspection._SearchConfig(
     source=source,
