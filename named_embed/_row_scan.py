@@ -42,7 +42,7 @@ def chunk_rows(source: _row_source.RowSource, num_rows: int) -> int:
   most ``num_rows`` (at least 1).
 
   >>> from named_embed import _row_source, _row_scan
-  >>> _row_scan.chunk_rows(_row_source.dense_source(10**6, (1024,), "f4"),
+  >>> _row_scan.chunk_rows(_row_source.dense_source((10**6, 1024), "f4"),
   ...                      10**6)
   2048
   """

@@ -56,7 +56,7 @@ def test_to_flax_feeds_linen_embed():
 
 def test_from_nnx_embed_matches_its_call_and_round_trips():
   module = nnx.Embed(num_embeddings=5, features=3, rngs=nnx.Rngs(0))
-  table = formats.from_flax(module, vocabulary=ne.Vocabulary("abcde"))
+  table = formats.from_flax(module, vocabulary=ne.Vocabulary(list("abcde")))
   np.testing.assert_array_equal(
     looked_up(table), np.asarray(module(jnp.asarray(IDS)))
   )
@@ -168,7 +168,7 @@ def test_torch_like_tensors_and_modules():
   assert tensor.calls == ["detach", "cpu"] and table.padding_index == 3
   np.testing.assert_array_equal(looked_up(table), WEIGHT[IDS])
   module = FakeTorchEmbedding(FakeTensor(WEIGHT), padding_idx=1)
-  table = formats.from_torch(module, vocabulary=ne.Vocabulary("abcde"))
+  table = formats.from_torch(module, vocabulary=ne.Vocabulary(list("abcde")))
   assert table.padding_index == 1 and table.vocabulary.token(0) == "a"
   with pytest.raises(TypeError, match="use from_torch_weight"):
     formats.from_torch(WEIGHT)
