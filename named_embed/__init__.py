@@ -10,8 +10,30 @@ The public surface, re-exported from the modules that define it::
 """
 
 from named_embed import sharding as sharding
-from named_embed.decode import EmbeddingDecode as EmbeddingDecode
-from named_embed.decode import decode as decode
+from named_embed._src.base.vocabulary import Vocabulary as Vocabulary
+from named_embed._src.ops.decode import EmbeddingDecode as EmbeddingDecode
+from named_embed._src.ops.decode import decode as decode
+from named_embed._src.ops.lookup import EmbeddingLookup as EmbeddingLookup
+from named_embed._src.ops.lookup import lookup as lookup
+from named_embed._src.ops.loss import (
+  decode_cross_entropy as decode_cross_entropy,
+)
+from named_embed._src.ops.pooled.lookup import EmbeddingBag as EmbeddingBag
+from named_embed._src.ops.pooled.lookup import pooled_lookup as pooled_lookup
+from named_embed._src.tables.lora import LoraTable as LoraTable
+from named_embed._src.tables.quantized import QuantizedTable as QuantizedTable
+from named_embed._src.tables.table import EmbeddingTable as EmbeddingTable
+from named_embed._src.tables.trainable_rows import (
+  TrainableRowsTable as TrainableRowsTable,
+)
+from named_embed._src.tools.inspection import analogy as analogy
+from named_embed._src.tools.inspection import nearest as nearest
+from named_embed._src.tools.inspection import similarity as similarity
+from named_embed._src.tools.model_tables import replace_table as replace_table
+from named_embed._src.tools.rendering import show as show
+from named_embed._src.tools.rendering import summarize as summarize
+from named_embed._src.tools.sharding import shard as shard
+from named_embed._src.tools.sharding import sharded_init as sharded_init
 from named_embed.formats import from_brainstate as from_brainstate
 from named_embed.formats import from_flax as from_flax
 from named_embed.formats import from_safetensors as from_safetensors
@@ -25,24 +47,6 @@ from named_embed.formats import to_brainstate_weight as to_brainstate_weight
 from named_embed.formats import to_flax as to_flax
 from named_embed.formats import to_safetensors as to_safetensors
 from named_embed.formats import to_torch_weight as to_torch_weight
-from named_embed.inspection import analogy as analogy
-from named_embed.inspection import nearest as nearest
-from named_embed.inspection import similarity as similarity
-from named_embed.lookup import EmbeddingLookup as EmbeddingLookup
-from named_embed.lookup import lookup as lookup
-from named_embed.lora import LoraTable as LoraTable
-from named_embed.loss import decode_cross_entropy as decode_cross_entropy
-from named_embed.model_tables import replace_table as replace_table
-from named_embed.pooling import EmbeddingBag as EmbeddingBag
-from named_embed.pooling import pooled_lookup as pooled_lookup
-from named_embed.quantized import QuantizedTable as QuantizedTable
-from named_embed.rendering import show as show
-from named_embed.rendering import summarize as summarize
-from named_embed.sharding import shard as shard
-from named_embed.sharding import sharded_init as sharded_init
-from named_embed.table import EmbeddingTable as EmbeddingTable
-from named_embed.trainable_rows import TrainableRowsTable as TrainableRowsTable
-from named_embed.vocabulary import Vocabulary as Vocabulary
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Crash leftovers of `ne.save` and `ne.save_word2vec` (`formats._atomic`).
+"""Crash leftovers of `ne.save` and `ne.save_word2vec` (`_src.files.atomic`).
 
 A save killed with ``kill -9`` cannot remove its temporary directory; the
 next save of the same path must remove it, but never the temporary of a
@@ -27,10 +27,10 @@ import pytest
 import safetensors.numpy
 
 import named_embed as ne
-from named_embed.formats import _atomic, word2vec
+from named_embed._src.files import atomic, word2vec
 
 needs_locks = pytest.mark.skipif(
-  _atomic.fcntl is None or not hasattr(os, "fork"),
+  atomic.fcntl is None or not hasattr(os, "fork"),
   reason="crash cleanup needs fcntl.flock (POSIX); the kill test os.fork",
 )
 
@@ -395,7 +395,7 @@ def test_stale_temporaries_of_the_path_only_are_removed(tmp_path):
   (outside / "keep").write_text("keep")
   (tmp_path / ".t.safetensors.00000000.tmp").symlink_to(outside)
   (tmp_path / ".t.sa.0123abcd.tmp").mkdir()
-  removed = _atomic.remove_stale_temporaries(path)
+  removed = atomic.remove_stale_temporaries(path)
   assert sorted(os.path.basename(p) for p in removed) == sorted(
     [*ours, ".t.safetensors.fedcba98.tmp"]
   )
@@ -408,7 +408,7 @@ def test_stale_temporaries_of_the_path_only_are_removed(tmp_path):
 
 
 def test_without_fcntl_stale_temporaries_are_left_alone(tmp_path, monkeypatch):
-  monkeypatch.setattr(_atomic, "fcntl", None)
+  monkeypatch.setattr(atomic, "fcntl", None)
   stale = tmp_path / ".t.safetensors.0123abcd.tmp"
   stale.mkdir()
   path = tmp_path / "t.safetensors"
@@ -423,15 +423,15 @@ def test_a_temporary_removed_before_it_was_locked_is_replaced(
 ):
   # Another save's cleanup may find the new, still empty, directory before
   # its writer locks it, and delete it: the writer starts over.
-  real_lock = _atomic._lock
+  real_lock = atomic._lock
   removed = []
 
   def lock_after_a_cleanup(work):
     if not removed:
-      removed.extend(_atomic.remove_stale_temporaries(tmp_path / "t.bin"))
+      removed.extend(atomic.remove_stale_temporaries(tmp_path / "t.bin"))
     return real_lock(work)
 
-  monkeypatch.setattr(_atomic, "_lock", lock_after_a_cleanup)
+  monkeypatch.setattr(atomic, "_lock", lock_after_a_cleanup)
   path = tmp_path / "t.bin"
   save("word2vec", table_of(3, 8, 4), path)
   assert len(removed) == 1
@@ -454,7 +454,7 @@ class FlockDuringACleanup:
   def flock(self, fd, operation):
     if operation == self.LOCK_EX and not self.deleted:
       for name in os.listdir(self.directory):
-        if _atomic.is_temporary(name):
+        if atomic.is_temporary(name):
           os.rmdir(os.path.join(self.directory, name))
           self.deleted.append(name)
     return self.real.flock(fd, operation)
@@ -464,8 +464,8 @@ class FlockDuringACleanup:
 def test_a_temporary_deleted_while_its_writer_waited_for_the_lock_is_replaced(
   tmp_path, monkeypatch
 ):
-  fake = FlockDuringACleanup(_atomic.fcntl, tmp_path)
-  monkeypatch.setattr(_atomic, "fcntl", fake)
+  fake = FlockDuringACleanup(atomic.fcntl, tmp_path)
+  monkeypatch.setattr(atomic, "fcntl", fake)
   path = tmp_path / "t.safetensors"
   save("safetensors", table_of(4, 8, 4), path)
   assert len(fake.deleted) == 1
@@ -487,4 +487,4 @@ def test_saves_name_their_temporaries_recognisably(tmp_path, monkeypatch):
   work, listed = seen
   assert re.fullmatch(r"\.t\.safetensors\.[0-9a-f]{8}\.tmp", listed)
   assert work == os.path.join(listed, "t.safetensors")
-  assert _atomic.is_temporary(listed)
+  assert atomic.is_temporary(listed)

@@ -1,4 +1,4 @@
-"""Tests of named_embed.formats.checkpoints: sharded Hugging Face checkpoints
+"""Tests of named_embed._src.files.checkpoints: sharded Hugging Face checkpoints
 read through their index, and `to_safetensors`."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from penzai import pz
 from safetensors.numpy import load_file, save_file
 
 import named_embed as ne
-from named_embed.formats import checkpoints, stored_tensors
+from named_embed._src.files import checkpoints, stored_tensors
 
 KEY = "model.embed_tokens.weight"
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]

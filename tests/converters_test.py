@@ -1,4 +1,4 @@
-"""Tests for `named_embed.formats.converters`: flax, torch and brainstate.
+"""Tests for `named_embed._src.files.converters`: flax, torch and brainstate.
 
 flax is real (a test dependency); torch and brainstate are not installed,
 so small stand-in classes mimic the attributes the converters read:

@@ -1,4 +1,4 @@
-"""Tests for `named_embed.formats.distributed_io` on one process: checkpoint
+"""Tests for `named_embed._src.files.distributed_io` on one process: checkpoint
 directories (`ne.save` without a suffix), loads placed on a mesh, and the
 errors. Several processes: tests/multihost_test.py."""
 
@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import named_embed as ne
-from named_embed import _processes
-from named_embed.formats import distributed_io
-from named_embed.formats._file_metadata import Tensor
+from named_embed._src.base import processes
+from named_embed._src.files import distributed_io
+from named_embed._src.files.file_metadata import Tensor
 
 INDEX = "model.safetensors.index.json"
 ROWS = (np.arange(8 * 4, dtype=np.float32).reshape(8, 4) / 3).astype(
@@ -159,7 +159,7 @@ def test_a_mesh_that_does_not_divide_the_rows_is_named(tmp_path):
   fake = jax.sharding.AbstractMesh((4,), ("model",))
   with pytest.raises(ValueError, match=r"of shape \{'vocabulary': 5, 'emb"):
     distributed_io._placements(
-      ne.formats.stored_tensors.open_tensors(path, ["embeddings"]),
+      ne._src.files.stored_tensors.open_tensors(path, ["embeddings"]),
       lambda stored, arrays: ne.EmbeddingTable.from_pretrained(
         arrays["embeddings"]
       ),
@@ -173,15 +173,15 @@ def test_a_mesh_that_does_not_divide_the_rows_is_named(tmp_path):
 
 
 def test_one_process_agrees_with_itself(monkeypatch):
-  assert _processes.share("step", "v") == ["v"]
+  assert processes.share("step", "v") == ["v"]
   with pytest.raises(KeyError):
-    with _processes.together("step"):
+    with processes.together("step"):
       raise KeyError("x")
-  monkeypatch.setenv(_processes.TIMEOUT_VARIABLE, "2.5")
-  assert _processes.timeout_seconds() == 2.5
-  monkeypatch.setenv(_processes.TIMEOUT_VARIABLE, "soon")
+  monkeypatch.setenv(processes.TIMEOUT_VARIABLE, "2.5")
+  assert processes.timeout_seconds() == 2.5
+  monkeypatch.setenv(processes.TIMEOUT_VARIABLE, "soon")
   with pytest.raises(ValueError, match=r"positive number of seconds"):
-    _processes.timeout_seconds()
+    processes.timeout_seconds()
 
 
 # ------------------------------------------------- compressed and adapted
@@ -273,7 +273,7 @@ def test_compressed_tables_round_trip_files_and_directories(tmp_path, name):
 
 
 def test_the_write_plan_covers_every_tensor():
-  plan = distributed_io.write_plan(
+  plan = distributed_io.assign_writes(
     {
       "codes": jax.numpy.ones((8, 4), np.int8),
       "scales": jax.numpy.ones(8, np.float32),

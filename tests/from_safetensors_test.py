@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 import named_embed as ne
 from named_embed import formats
-from named_embed.formats import stored_tensors
+from named_embed._src.files import stored_tensors
 
 W = np.arange(12, dtype=np.float32).reshape(4, 3)
 

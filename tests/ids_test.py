@@ -22,7 +22,7 @@ from conftest import data, raw
 from penzai import pz
 
 import named_embed as ne
-from named_embed import _out_of_range
+from named_embed._src.base import range_policy
 
 V = 5
 W = np.arange(10.0, dtype=np.float32).reshape(V, 2) * np.float32([1, 10])
@@ -124,7 +124,7 @@ def test_error_names_the_true_id_eagerly_and_under_jit(
 def test_wide_ids_in_range_read_their_rows_under_every_policy(run):
   table = ne.EmbeddingTable.from_pretrained(W)
   ids = np.array([4, 0, 2], np.int64)
-  for policy in _out_of_range.POLICIES:
+  for policy in range_policy.POLICIES:
     out = closed(run, lambda t: ne.lookup(t, ids, out_of_range=policy), table)
     np.testing.assert_array_equal(raw(out, "embedding"), W[[4, 0, 2]])
 

@@ -1,4 +1,4 @@
-"""Tests for named_embed.inspection against numpy references."""
+"""Tests for named_embed._src.tools.inspection against numpy references."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import treescope
 from penzai import pz
 
 import named_embed as ne
-from named_embed import inspection
+from named_embed._src.tools import inspection
 
 WORDS = [f"w{i}" for i in range(20)]
 
@@ -365,10 +365,10 @@ KIND_NAMES = ["int8", "int4", "lora", "rows"]
 @pytest.fixture(params=[False, True], ids=["one_chunk", "chunks"])
 def chunked(request, monkeypatch):
   """Chunks of 8 rows (20 rows: two and a ragged last one), or one."""
-  from named_embed import _row_scan
+  from named_embed._src.tools import row_scan
 
   if request.param:
-    monkeypatch.setattr(_row_scan, "CHUNK_BYTES", 8 * 6 * 4)
+    monkeypatch.setattr(row_scan, "CHUNK_BYTES", 8 * 6 * 4)
   return request.param
 
 
@@ -492,7 +492,7 @@ def test_summary_of_every_kind_with_alignment_rows():
   for kind, (adapted, ref) in kinds_of(table).items():
     text = treescope.render_to_text(adapted)
     assert type(adapted).__name__ + "(  # " in text.splitlines()[0]
-    low, mean, high = ne.rendering.row_norm_statistics(adapted)
+    low, mean, high = ne._src.tools.rendering.row_norm_statistics(adapted)
     ref_norms = np.linalg.norm(np.asarray(ref.token_rows()), axis=1)
     np.testing.assert_allclose(
       [low, mean, high],
@@ -503,7 +503,7 @@ def test_summary_of_every_kind_with_alignment_rows():
 
 @pytest.mark.parametrize("kind", KIND_NAMES)
 def test_show_draws_the_rows_as_read_of_every_kind(kind, tmp_path):
-  from named_embed import rendering
+  from named_embed._src.tools import rendering
 
   table, ref = kinds_of(make_table(padding_index=3).padded_to_multiple(8))[kind]
   page = pathlib.Path(ne.show(table, tmp_path / "t.html")).read_text()

@@ -573,7 +573,7 @@ def test_compiled_lookup_is_the_raw_take_with_no_transpose_or_table_copy():
   )
   kinds = {op for op, _ in ours}
   assert "transpose" not in kinds
-  # bf16 NaN-fill selects on the raw bits (see _gather._fill_nan)
+  # bf16 NaN-fill selects on the raw bits (see gather._fill_nan)
   assert kinds <= {op for op, _ in raw_take} | {"bitcast-convert"}
   assert [op for op, _ in ours].count("gather") == 1
 

@@ -341,7 +341,7 @@ def test_bad_arguments(kwargs, error, pattern):
 
 
 def test_tables_that_take_no_adapters():
-  from named_embed import lora
+  from named_embed._src.tables import lora
 
   with pytest.raises(TypeError, match="merged"):
     lora.with_lora(lora_table(), 2, name="e", init_base_rng=jax.random.key(0))

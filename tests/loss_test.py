@@ -1,4 +1,4 @@
-"""Tests for `named_embed.loss`: the chunked loss equals the naive one."""
+"""Tests for `named_embed._src.ops.loss`: the chunked loss equals the naive one."""
 
 from __future__ import annotations
 

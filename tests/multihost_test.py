@@ -37,7 +37,7 @@ from penzai import pz
 from safetensors.numpy import save_file
 
 import named_embed as ne
-from named_embed.formats import stored_tensors
+from named_embed._src.files import stored_tensors
 
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = HERE / "multihost" / "worker.py"

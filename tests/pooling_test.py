@@ -1,4 +1,4 @@
-"""Tests for `named_embed.pooling`: torch's ``F.embedding_bag`` by name.
+"""Tests for `named_embed._src.ops.pooled.lookup`: torch's ``F.embedding_bag`` by name.
 
 References: hand-computed arrays (torch's semantics, from its documentation
 and ``aten/src/ATen/native/EmbeddingBag.cpp``, with the bugs the issue

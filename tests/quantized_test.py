@@ -302,7 +302,7 @@ def test_tables_that_cannot_be_quantized():
   q = table().quantized("int8")
   with pytest.raises(TypeError, match="already quantised"):
     q.quantized("int4")
-  from named_embed import quantized
+  from named_embed._src.tables import quantized
 
   with pytest.raises(TypeError, match="`table`"):
     quantized.quantize(q, "int4")

@@ -1,4 +1,4 @@
-"""Tests of named_embed.resizing: with_added_tokens, resized, replace_table."""
+"""Tests of named_embed._src.tools.resizing: with_added_tokens, resized, replace_table."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from penzai import pz
 
 import named_embed as ne
-from named_embed import resizing
-from named_embed._initializers import default_initializer
+from named_embed._src.base.initializers import default_initializer
+from named_embed._src.tools import resizing
 
 V, D = 13, 4
 TOKENS = ("<pad>", "<unk>", *(f"t{i}" for i in range(V - 2)))
@@ -292,7 +292,9 @@ def test_replace_table_leaves_other_tables_and_matches_frozen_by_identity():
   assert grown.sublayers[1].table.vocab_size == 5
   with pytest.raises(ValueError, match="'tok.embeddings' \\(in 2 places\\)"):
     ne.replace_table(tied(table), make_table(), table)
-  with pytest.raises(TypeError, match="`new_table` must be a named_embed table"):
+  with pytest.raises(
+    TypeError, match="`new_table` must be a named_embed table"
+  ):
     ne.replace_table(model, table, "table")
 
 

@@ -1,4 +1,4 @@
-"""Tests for `named_embed.formats.safetensors_io`: save, load, from_safetensors.
+"""Tests for `named_embed._src.files.safetensors_io`: save, load, from_safetensors.
 
 Files are written by the code under test, or directly with the
 `safetensors` package (model checkpoints), and compared bit for bit.
@@ -535,8 +535,8 @@ def test_the_formats_modules_import_one_way():
         if name.startswith("named_embed.formats."):
           found.add(name.split(".")[2])
     graph[module.stem] = found & {p.stem for p in folder.glob("*.py")}
-  assert "safetensors_io" not in graph["_compressed"]
-  assert "_compressed" in graph["safetensors_io"]
+  assert "safetensors_io" not in graph["compressed_io"]
+  assert "compressed_io" in graph["safetensors_io"]
   done, visiting = set(), []
 
   def visit(name):

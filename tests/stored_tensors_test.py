@@ -1,4 +1,4 @@
-"""Tests for `named_embed.formats.stored_tensors`: tensors stored whole or
+"""Tests for `named_embed._src.files.stored_tensors`: tensors stored whole or
 in blocks, read a region at a time."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from named_embed.formats import stored_tensors
-from named_embed.formats.stored_tensors import block_name, open_tensor
+from named_embed._src.files import stored_tensors
+from named_embed._src.files.stored_tensors import block_name, open_tensor
 
 WHOLE = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
 

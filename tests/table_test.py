@@ -1,4 +1,4 @@
-"""Tests for `named_embed.table`: construction, validation, renormalized."""
+"""Tests for `named_embed._src.tables.table`: construction, validation, renormalized."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for `named_embed.vocabulary` and attaching vocabularies to tables."""
+"""Tests for `named_embed._src.base.vocabulary` and attaching vocabularies to tables."""
 
 from __future__ import annotations
 

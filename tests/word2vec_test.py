@@ -1,4 +1,4 @@
-"""Tests for `named_embed.formats.word2vec`: word2vec text/binary and GloVe.
+"""Tests for `named_embed._src.files.word2vec`: word2vec text/binary and GloVe.
 
 The input files are written byte by byte here (the binary ones with
 `struct`, as the word2vec C tool writes them), independently of
@@ -21,7 +21,7 @@ from penzai import pz
 
 import named_embed as ne
 from named_embed import formats
-from named_embed.formats import word2vec
+from named_embed._src.files import word2vec
 
 TOKENS = ["the", "cat", "naïve", "東京", "a\u00a0b"]  # NBSP is not a separator
 VECTORS = np.array(
@@ -400,7 +400,7 @@ def test_progress_ends_its_line_when_reading_fails(tmp_path, monkeypatch):
 PIPED = """
 import sys
 from named_embed import formats
-from named_embed.formats import word2vec
+from named_embed._src.files import word2vec
 
 word2vec.LARGE_FILE_BYTES = 0  # every file is large
 for path in sys.argv[1:]:

@@ -16,25 +16,25 @@
 See ``docs/formats.md`` for what each format keeps and refuses.
 """
 
-from named_embed.formats.checkpoints import to_safetensors as to_safetensors
-from named_embed.formats.converters import from_brainstate as from_brainstate
-from named_embed.formats.converters import from_flax as from_flax
-from named_embed.formats.converters import from_torch as from_torch
-from named_embed.formats.converters import (
+from named_embed._src.files.checkpoints import to_safetensors as to_safetensors
+from named_embed._src.files.converters import from_brainstate as from_brainstate
+from named_embed._src.files.converters import from_flax as from_flax
+from named_embed._src.files.converters import from_torch as from_torch
+from named_embed._src.files.converters import (
   from_torch_weight as from_torch_weight,
 )
-from named_embed.formats.converters import (
+from named_embed._src.files.converters import (
   to_brainstate_weight as to_brainstate_weight,
 )
-from named_embed.formats.converters import to_flax as to_flax
-from named_embed.formats.converters import to_torch_weight as to_torch_weight
-from named_embed.formats.safetensors_io import (
+from named_embed._src.files.converters import to_flax as to_flax
+from named_embed._src.files.converters import to_torch_weight as to_torch_weight
+from named_embed._src.files.safetensors_io import (
   from_safetensors as from_safetensors,
 )
-from named_embed.formats.safetensors_io import load as load
-from named_embed.formats.safetensors_io import save as save
-from named_embed.formats.word2vec import load_word2vec as load_word2vec
-from named_embed.formats.word2vec import save_word2vec as save_word2vec
+from named_embed._src.files.safetensors_io import load as load
+from named_embed._src.files.safetensors_io import save as save
+from named_embed._src.files.word2vec import load_word2vec as load_word2vec
+from named_embed._src.files.word2vec import save_word2vec as save_word2vec
 
 __all__ = [
   "from_brainstate",

@@ -24,7 +24,8 @@ from penzai import pz
 from safetensors.numpy import load_file
 
 import named_embed as ne
-from named_embed import _quantization, rendering
+from named_embed._src.base import quantization
+from named_embed._src.tools import rendering
 
 D = 8
 RULES = {"vocabulary": "model", "batch": "data"}
@@ -159,7 +160,7 @@ def test_nearest_similarity_analogy_equal_the_float_table(kind, layout):
 @pytest.mark.parametrize("mesh_kind", ["explicit", "auto"])
 @pytest.mark.parametrize("kind", ["int4", "lora_int4", "rows_int8"])
 def test_a_split_search_never_gathers_the_rows(kind, mesh_kind):
-  from named_embed import inspection
+  from named_embed._src.tools import inspection
 
   table, _ = placed(kind, (mesh_kind, True))
   source, arrays = table.row_parts()
@@ -284,7 +285,7 @@ def test_added_tokens_keep_old_parts_and_the_placement(kind, layout):
   base = alone.base if hasattr(alone, "base") else alone
   mean = token_rows(reference(base))[1:].mean(axis=0, dtype=np.float32)
   rows = np.asarray(reference_of_grown(grown).rows_array())
-  step = np.abs(mean).max() / _quantization.q_max(4) if kind != "float" else 0
+  step = np.abs(mean).max() / quantization.q_max(4) if kind != "float" else 0
   np.testing.assert_allclose(
     rows[v : v + len(NEW)], np.tile(mean, (len(NEW), 1)), atol=step + 1e-6
   )

@@ -2,8 +2,8 @@
 
 `ScaledTable` is a frozen base table times one trainable gain a row
 (``rows = gain[:, None] * base``). It is written against the table
-contract only (`named_embed._table_kind.AbstractTable`, through
-`named_embed._adapted.AdaptedTable` for the facts it shares with its base)
+contract only (`named_embed._src.tables.contract.AbstractTable`, through
+`named_embed._src.tables.adapted.AdaptedTable` for the facts it shares with its base)
 and its row source writes just the two required methods, ``gather`` and
 ``rows_of``: every operation (lookups of both strategies, pooled lookups,
 decodes, the fused loss, inspection, sharding) then works on it with no
@@ -22,14 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from named_embed import _adapted, _row_source, _table_arrays
+from named_embed._src.rows import row_source, table_arrays
+from named_embed._src.tables import adapted
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ScaledSource(_row_source.RowSource):
+class ScaledSource(row_source.RowSource):
   """The base's arrays plus ``gain [V]`` (row-aligned, trainable)."""
 
-  base: _row_source.RowSource
+  base: row_source.RowSource
   trains: bool
 
   @property
@@ -59,7 +60,7 @@ class ScaledSource(_row_source.RowSource):
   def gather(self, arrays, ids):
     *base, gain = arrays
     rows = self.base.gather(tuple(base), ids)
-    return self._scaled(rows, _row_source.take(gain, ids))
+    return self._scaled(rows, row_source.take(gain, ids))
 
   def rows_of(self, arrays, first_id):
     *base, gain = arrays
@@ -72,7 +73,7 @@ def _source(base, trains):
 
 
 @pz.pytree_dataclass
-class ScaledTable(pz.Struct, _adapted.AdaptedTable):
+class ScaledTable(pz.Struct, adapted.AdaptedTable):
   """A frozen base whose rows are scaled by a trainable gain each.
 
   >>> import numpy as np, named_embed as ne
@@ -99,12 +100,12 @@ class ScaledTable(pz.Struct, _adapted.AdaptedTable):
   @property
   def frozen(self) -> bool:
     """True when the gains do not train."""
-    return _table_arrays.is_frozen(self.gain)
+    return table_arrays.is_frozen(self.gain)
 
   def row_parts(self):
     """The table contract: the base's source and arrays plus the gains."""
     base_source, base_arrays = self.base.row_parts()
-    gain = _table_arrays.value_or_none(self.gain).data_array
+    gain = table_arrays.value_or_none(self.gain).data_array
     source = _source(base_source, not self.frozen)
     return source, (*base_arrays, gain)
 

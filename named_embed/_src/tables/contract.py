@@ -1,0 +1,121 @@
+"""The contract every kind of table meets, and the check of a table argument.
+
+A *kind of table* (`EmbeddingTable`, `QuantizedTable`, `LoraTable`,
+`TrainableRowsTable`, and any kind added later) subclasses `AbstractTable`
+and provides:
+
+- its facts: ``vocabulary_axis``, ``embedding_axes``, ``num_rows`` (rows,
+  alignment rows included), ``vocab_size`` (tokens), ``true_vocab_size``
+  (tokens when there are alignment rows, else None), ``padding_index``,
+  ``vocabulary``, ``rows_sharding`` (recorded by `named_embed.shard`),
+  ``dtype`` (of the rows as read) and ``frozen``;
+- ``row_parts()``: a static, hashable `named_embed._src.rows.row_source.RowSource`
+  and the tuple of raw arrays it reads. The source is how the kind makes
+  the rows of some ids, the logits of a hidden state, and the float rows
+  of one vocabulary chunk; it says which arrays lead with the vocabulary
+  (sliced, gathered and sharded with the rows) and which train.
+
+Operations (lookups, pooled lookups, decodes, the fused loss, inspection,
+exports) are written once against this contract: they never ask which
+kind a table is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from penzai import pz
+
+
+class AbstractTable:
+  """The contract of a kind of table (see the module docstring).
+
+  A mixin of penzai `Struct`s: it holds no fields. ``row_parts`` is the
+  only method a kind must write; the facts are its fields or properties.
+
+  Example:
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed._src.tables.contract import AbstractTable
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32))
+  >>> isinstance(table, AbstractTable), isinstance(table.quantized(),
+  ...                                              AbstractTable)
+  (True, True)
+  >>> source, arrays = table.row_parts()
+  >>> source.num_rows, [a.shape for a in arrays]
+  (3, [(3, 2)])
+  """
+
+  # A plain class, not an `abc.ABC`: `check_table`'s isinstance runs on
+  # every eager call, and an ABC's instance check costs ~10x more.
+
+  def row_parts(self) -> tuple[Any, tuple]:
+    """The static row source and the raw arrays its kernels read."""
+    raise NotImplementedError(
+      f"{type(self).__name__} must define row_parts() (the table contract)."
+    )
+
+  def with_rows_sharding(self, rows_sharding) -> Any:
+    """This table with ``rows_sharding`` recorded (`named_embed.shard`
+    records where the rows went; kernels pin them, and their gradients,
+    there). The default replaces a ``rows_sharding`` field."""
+    return dataclasses.replace(self, rows_sharding=rows_sharding)
+
+
+def _what(value: Any) -> str:
+  """How a wrong argument is named in a message."""
+  kind = type(value)
+  if isinstance(value, pz.nx.NamedArrayBase):
+    return f"a NamedArray {dict(value.named_shape)}"
+  shape = getattr(value, "shape", None)
+  if shape is not None and not callable(shape):
+    return f"an array ({kind.__name__} of shape {tuple(shape)})"
+  return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _fix(value: Any) -> str:
+  """What to do instead, for the usual mistakes."""
+  if isinstance(value, pz.nn.EmbeddingTable):
+    return (
+      " This is penzai's own pz.nn.EmbeddingTable: convert it with"
+      " `ne.EmbeddingTable.from_pretrained(pz_table.embeddings.value,"
+      " vocabulary_axis=pz_table.vocabulary_axis)`."
+    )
+  inner = getattr(type(value), "__dataclass_fields__", {})
+  if "table" in inner and isinstance(
+    getattr(value, "table", None), AbstractTable
+  ):
+    return (
+      f" This is a {type(value).__name__} layer: pass its table"
+      " (`layer.table`) instead."
+    )
+  if isinstance(value, pz.nx.NamedArrayBase) or hasattr(value, "shape"):
+    return (
+      " Wrap the vectors first:"
+      " `ne.EmbeddingTable.from_pretrained(array)` (frozen) or with"
+      " `freeze=False` (trainable)."
+    )
+  return ""
+
+
+def check_table(value: Any, caller: str, argument: str = "table") -> Any:
+  """``value`` if it is a kind of table, else a `TypeError` naming what it
+  got, what is wanted and, for the usual mistakes, the fix.
+
+  Example:
+
+  >>> import numpy as np
+  >>> from named_embed._src.tables.contract import check_table
+  >>> check_table(np.ones((3, 2)), "ne.lookup")
+  Traceback (most recent call last):
+  ...
+  TypeError: ne.lookup: `table` must be a named_embed table (EmbeddingTable, QuantizedTable, LoraTable, TrainableRowsTable); got an array (ndarray of shape (3, 2)). Wrap the vectors first: `ne.EmbeddingTable.from_pretrained(array)` (frozen) or with `freeze=False` (trainable).
+  """
+  if isinstance(value, AbstractTable):
+    return value
+  raise TypeError(
+    f"{caller}: `{argument}` must be a named_embed table (EmbeddingTable,"
+    " QuantizedTable, LoraTable, TrainableRowsTable); got"
+    f" {_what(value)}.{_fix(value)}"
+  )
