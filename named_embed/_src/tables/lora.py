@@ -178,6 +178,7 @@ class LoraTable(pz.Struct, adapted.AdaptedTable):
     >>> table.vocabulary.decode(ids.unwrap("neighbor"))
     ['dog']
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed._src.tools import inspection
 
     return inspection.nearest(self, query, k, metric, exclude)
@@ -193,6 +194,7 @@ class LoraTable(pz.Struct, adapted.AdaptedTable):
     >>> round(float(table.similarity("cat", "car")), 2)
     0.0
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed._src.tools import inspection
 
     return inspection.similarity(self, a, b, metric)
@@ -211,6 +213,7 @@ class LoraTable(pz.Struct, adapted.AdaptedTable):
     >>> table.vocabulary.decode(ids.unwrap("neighbor"))
     ['car']
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed._src.tools import inspection
 
     return inspection.analogy(self, positive, negative, k)
@@ -239,6 +242,7 @@ class LoraTable(pz.Struct, adapted.AdaptedTable):
     >>> bigger.vocab_size, bigger.vocabulary.id("<tool>")
     (4, 3)
     """
+    # Deferred: resizing (tools) builds on the table kinds.
     from named_embed._src.tools import resizing
 
     return resizing.add_tokens_lora(
@@ -265,6 +269,7 @@ class LoraTable(pz.Struct, adapted.AdaptedTable):
     >>> table.resized(2).vocab_size
     2
     """
+    # Deferred: resizing (tools) builds on the table kinds.
     from named_embed._src.tools import resizing
 
     return resizing.resize_lora(

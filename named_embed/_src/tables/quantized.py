@@ -296,6 +296,7 @@ class QuantizedTable(pz.Struct, AbstractTable):
     >>> table.vocabulary.decode(ids.unwrap("neighbor"))
     ['dog']
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed._src.tools import inspection
 
     return inspection.nearest(self, query, k, metric, exclude)
@@ -310,6 +311,7 @@ class QuantizedTable(pz.Struct, AbstractTable):
     >>> round(float(table.similarity("cat", "car")), 2)
     0.0
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed._src.tools import inspection
 
     return inspection.similarity(self, a, b, metric)
@@ -327,6 +329,7 @@ class QuantizedTable(pz.Struct, AbstractTable):
     >>> table.vocabulary.decode(ids.unwrap("neighbor"))
     ['car']
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed._src.tools import inspection
 
     return inspection.analogy(self, positive, negative, k)
@@ -354,6 +357,7 @@ class QuantizedTable(pz.Struct, AbstractTable):
     >>> bigger.vocab_size, bigger.vocabulary.id("<tool>")
     (4, 3)
     """
+    # Deferred: resizing (tools) builds on the table kinds.
     from named_embed._src.tools import resizing
 
     return resizing.add_tokens_quantized(
@@ -379,6 +383,7 @@ class QuantizedTable(pz.Struct, AbstractTable):
     >>> table.resized(2).vocab_size
     2
     """
+    # Deferred: resizing (tools) builds on the table kinds.
     from named_embed._src.tools import resizing
 
     return resizing.resize_quantized(

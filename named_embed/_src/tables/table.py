@@ -814,6 +814,7 @@ class EmbeddingTable(pz.Struct, AbstractTable):
     ...     np.array([[3, 4], [0, 1]], np.float32)).summary()
     'vocabulary:2 × embedding:2 float32, no padding row, row norms min 1 mean 3 max 5'
     """
+    # Deferred: rendering (tools) builds on the table kinds.
     from named_embed._src.tools import rendering
 
     return rendering.embedding_table_summary(self, statistics)

@@ -167,6 +167,7 @@ class TrainableRowsTable(pz.Struct, adapted.AdaptedTable):
     >>> table.vocabulary.decode(ids.unwrap("neighbor"))
     ['dog']
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed._src.tools import inspection
 
     return inspection.nearest(self, query, k, metric, exclude)
@@ -182,6 +183,7 @@ class TrainableRowsTable(pz.Struct, adapted.AdaptedTable):
     >>> round(float(table.similarity("cat", "car")), 2)
     0.0
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed._src.tools import inspection
 
     return inspection.similarity(self, a, b, metric)
@@ -200,6 +202,7 @@ class TrainableRowsTable(pz.Struct, adapted.AdaptedTable):
     >>> table.vocabulary.decode(ids.unwrap("neighbor"))
     ['car']
     """
+    # Deferred: inspection (tools) builds on the table kinds.
     from named_embed._src.tools import inspection
 
     return inspection.analogy(self, positive, negative, k)
@@ -228,6 +231,7 @@ class TrainableRowsTable(pz.Struct, adapted.AdaptedTable):
     >>> bigger.vocab_size, bigger.vocabulary.id("<tool>")
     (4, 3)
     """
+    # Deferred: resizing (tools) builds on the table kinds.
     from named_embed._src.tools import resizing
 
     return resizing.add_tokens_trainable_rows(
@@ -254,6 +258,7 @@ class TrainableRowsTable(pz.Struct, adapted.AdaptedTable):
     >>> table.resized(2).vocab_size
     2
     """
+    # Deferred: resizing (tools) builds on the table kinds.
     from named_embed._src.tools import resizing
 
     return resizing.resize_trainable_rows(

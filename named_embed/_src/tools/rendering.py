@@ -26,6 +26,7 @@ from jax import lax
 from penzai import pz
 
 from named_embed._src.base import norms as _norms
+from named_embed._src.base.vocabulary import Vocabulary
 from named_embed._src.rows import row_source, table_arrays
 from named_embed._src.tables.contract import AbstractTable, check_table
 from named_embed._src.tools import row_scan
@@ -357,10 +358,8 @@ def _without_addresses(subtree_renderer: Any) -> Any:
   """Renders a `Vocabulary` by its repr, without the ``object at 0x..``."""
   from treescope import rendering_parts
 
-  from named_embed._src.base.vocabulary import Vocabulary
-
   def render(node: Any, path: str | None = None) -> Any:
-    if isinstance(node, Vocabulary) and not hasattr(node, "__treescope_repr__"):
+    if isinstance(node, Vocabulary):
       return rendering_parts.build_one_line_tree_node(
         rendering_parts.abbreviation_color(rendering_parts.text(repr(node))),
         path=path,
