@@ -30,6 +30,9 @@ from named_embed._src.tools.inspection import analogy as analogy
 from named_embed._src.tools.inspection import nearest as nearest
 from named_embed._src.tools.inspection import similarity as similarity
 from named_embed._src.tools.model_tables import replace_table as replace_table
+from named_embed._src.tools.rendering import (
+  row_norm_statistics as row_norm_statistics,
+)
 from named_embed._src.tools.rendering import show as show
 from named_embed._src.tools.rendering import summarize as summarize
 from named_embed._src.tools.sharding import shard as shard
@@ -73,6 +76,7 @@ __all__ = [
   "nearest",
   "pooled_lookup",
   "replace_table",
+  "row_norm_statistics",
   "save",
   "save_word2vec",
   "shard",

@@ -22,10 +22,28 @@ import named_embed as ne
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def test_multidevice_suite_passes_on_eight_cpu_devices():
+MULTIDEVICE = sorted(
+  p.name
+  for p in (HERE / "multidevice").glob("*.py")
+  if p.name.endswith("_test.py") or p.name == "scaled_table.py"
+)
+
+
+@pytest.mark.parametrize("module", MULTIDEVICE)
+def test_multidevice_suite_passes_on_eight_cpu_devices(module):
+  """One subprocess a module, so that pytest-xdist spreads them."""
   env = dict(os.environ, NAMED_EMBED_MULTIDEVICE="1")
   result = subprocess.run(
-    [sys.executable, "-m", "pytest", "-q", "-x", str(HERE / "multidevice")],
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "-q",
+      "-x",
+      "-n",
+      "0",
+      str(HERE / "multidevice" / module),
+    ],
     cwd=HERE.parent,
     env=env,
     capture_output=True,

@@ -7,8 +7,10 @@ contract only (`named_embed._src.tables.contract.AbstractTable`, through
 and its row source writes just the two required methods, ``gather`` and
 ``rows_of``: every operation (lookups of both strategies, pooled lookups,
 decodes, the fused loss, inspection, sharding) then works on it with no
-change anywhere in the package. The kinds matrix
-(`kinds_matrix_test.py`) runs every operation on it.
+change anywhere in the package. Its file layout (``FILE_KIND``, the
+``gain`` tensor: `named_embed._src.tables.file_layout`) is a few lines
+more, and `ne.save` / `ne.load` (placed on a mesh too) then work on it.
+The kinds matrix (`kinds_matrix_test.py`) runs every operation on it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from penzai import pz
 
 from named_embed._src.rows import row_source, table_arrays
-from named_embed._src.tables import adapted
+from named_embed._src.tables import adapted, file_layout
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -114,3 +116,19 @@ class ScaledTable(pz.Struct, adapted.AdaptedTable):
     source, arrays = self.row_parts()
     rows = jax.jit(lambda a: source.rows_of(a, 0))(arrays)
     return self.float_table(rows)
+
+  # The file layout: the base's tensors, then ``gain {vocabulary}``.
+
+  FILE_KIND = "test_scaled"
+  ADAPTER_TENSORS = ("gain",)
+
+  def adapter_layout(self):
+    """The gains, with how they are held."""
+    gain = file_layout.StoredArray((self.vocabulary_axis,), self.gain, "gain_")
+    return file_layout.FileLayout({"gain": gain}, {})
+
+  @classmethod
+  def from_base_and_file(cls, base, arrays, metadata, fields, hold):
+    """The table of ``base`` and a file's ``gain``."""
+    gain = pz.nx.wrap(jnp.asarray(arrays["gain"]), fields["vocabulary_axis"])
+    return cls(base=base, gain=hold(gain, "gain_", "embeddings.gain"))

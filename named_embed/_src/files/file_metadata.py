@@ -4,8 +4,8 @@ A named_embed file (one ``.safetensors`` file, or the index of a
 checkpoint directory) holds a table as named tensors (`Tensor`: each with
 the names of its axes, in the stored order) and string metadata. This
 module is the vocabulary that the writers and readers of every kind share
-(`safetensors_io` for plain tables, `compressed_io` for quantised and
-adapted ones, `distributed_io` for placing tensors on a mesh):
+(`safetensors_io` for plain tables, `kind_layouts` for every other
+kind, `distributed_io` for placing tensors on a mesh):
 
 ========================  ===================================================
 ``named_embed``           format version, ``"1"`` (`check_marker`)

@@ -5,7 +5,7 @@ A plain table's file holds one tensor, ``"embeddings"``, laid out
 bfloat16 and float16 round-trip bit for bit), and string metadata
 (`named_embed._src.files.file_metadata` lists the entries). A quantised or
 adapted table's file holds the tensors of its parts
-(`named_embed._src.files.compressed_io`). Every kind is written and read
+(`named_embed._src.files.kind_layouts`). Every kind is written and read
 through the same steps: its tensors (each with its axis names) and
 metadata go to one file, or to a checkpoint directory where every process
 writes its own blocks of each tensor (`named_embed._src.files.distributed_io`),
@@ -27,13 +27,14 @@ import numpy as np
 from named_embed._src.files import (
   checkpoints,
   common,
-  compressed_io,
   distributed_io,
   file_metadata,
+  kind_layouts,
   stored_tensors,
 )
 from named_embed._src.files.atomic import replacing
 from named_embed._src.files.file_metadata import TENSOR_KEY, Tensor
+from named_embed._src.tables import contract
 from named_embed._src.tables.table import EmbeddingTable
 
 if TYPE_CHECKING:
@@ -164,16 +165,12 @@ def load(
 
 
 def _tensors(table: Any) -> dict[str, Tensor]:
-  """The tensors ``table`` is stored as (see `compressed_io.tensors`)."""
+  """The tensors ``table`` is stored as (see `kind_layouts.tensors`)."""
   if isinstance(table, EmbeddingTable):
     axes = (table.vocabulary_axis, *table.embedding_axes)
     return {TENSOR_KEY: Tensor(axes, table.rows_array())}
-  if compressed_io.handles(table):  # quantised, LoRA, trainable rows
-    return compressed_io.tensors(table)
-  raise TypeError(
-    "save() writes an EmbeddingTable, QuantizedTable, LoraTable or"
-    f" TrainableRowsTable; got {type(table).__name__}."
-  )
+  contract.check_table(table, "ne.save")
+  return kind_layouts.tensors(table)  # quantised, adapted, later kinds
 
 
 def _metadata(table: Any) -> dict[str, str]:
@@ -182,28 +179,21 @@ def _metadata(table: Any) -> dict[str, str]:
       **file_metadata.table_metadata(table),
       **file_metadata.holder_metadata(table.embeddings),
     }
-  return compressed_io.metadata(table)
+  return kind_layouts.metadata(table)
 
 
 def _keys(metadata: dict[str, Any], path: str) -> tuple[str, ...]:
   """The tensors of a file, by the kind of table its metadata names."""
-  kind = metadata.get(file_metadata.KIND_KEY)
-  if kind is None:
+  if metadata.get(file_metadata.KIND_KEY) is None:
     return (TENSOR_KEY,)
-  if kind not in compressed_io.KINDS:
-    raise ValueError(
-      f"{path} holds a kind of table, {kind!r}, that this version of"
-      f" named_embed does not read (it reads plain tables and"
-      f" {compressed_io.KINDS}). Upgrade named_embed to read it."
-    )
-  return compressed_io.keys(metadata, path)
+  return kind_layouts.keys(metadata, path)
 
 
 def _table_of(stored, arrays, path: str, freeze: bool | None) -> Any:
   metadata = next(iter(stored.values())).metadata
   if metadata.get(file_metadata.KIND_KEY) is None:
     return _table_from(arrays[TENSOR_KEY], metadata, path, freeze)
-  return compressed_io.build(arrays, metadata, path, freeze)
+  return kind_layouts.build(arrays, metadata, path, freeze)
 
 
 def _table_from(

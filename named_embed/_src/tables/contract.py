@@ -13,7 +13,12 @@ and provides:
   and the tuple of raw arrays it reads. The source is how the kind makes
   the rows of some ids, the logits of a hidden state, and the float rows
   of one vocabulary chunk; it says which arrays lead with the vocabulary
-  (sliced, gathered and sharded with the rows) and which train.
+  (sliced, gathered and sharded with the rows) and which train;
+- its file layout, to be saved and loaded (`named_embed._src.tables.file_layout`):
+  ``FILE_KIND``, ``file_layout()``, and the class methods
+  ``file_tensors(metadata, path)`` and ``from_file(...)``. A kind without
+  one still runs every operation; `named_embed.save` refuses it with a
+  `TypeError`.
 
 Operations (lookups, pooled lookups, decodes, the fused loss, inspection,
 exports) are written once against this contract: they never ask which
@@ -23,9 +28,11 @@ kind a table is.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from penzai import pz
+
+from named_embed._src.tables import file_layout
 
 
 class AbstractTable:
@@ -61,6 +68,53 @@ class AbstractTable:
     records where the rows went; kernels pin them, and their gradients,
     there). The default replaces a ``rows_sharding`` field."""
     return dataclasses.replace(self, rows_sharding=rows_sharding)
+
+  # ------------------------------------------------ files (file_layout.py)
+
+  FILE_KIND: ClassVar[str | None] = None
+  """The ``table`` entry of this kind's files; None: no file layout."""
+
+  def file_layout(self) -> file_layout.FileLayout:
+    """The tensors and metadata entries this table is saved as."""
+    raise TypeError(
+      f"ne.save: a {type(self).__name__} has no file layout (its kind"
+      " declares no FILE_KIND and file_layout(); see the table contract in"
+      " docs/architecture.md). Save the table it is made from, or give"
+      " the kind a file layout."
+    )
+
+  @classmethod
+  def file_tensors(cls, metadata: dict[str, Any], path: str) -> tuple:
+    """The names of the tensors a file of this kind holds, by its
+    metadata; a `ValueError` naming ``path`` for metadata of no such
+    table."""
+    raise TypeError(f"{cls.__name__} declares no file layout.")
+
+  @classmethod
+  def from_file(
+    cls,
+    arrays: dict[str, Any],
+    metadata: dict[str, Any],
+    fields: dict[str, Any],
+    hold: file_layout.Hold,
+    path: str,
+  ) -> Any:
+    """The table of a file's ``arrays`` (by tensor name: numpy, placed or
+    abstract), its string ``metadata`` and its parsed table ``fields``
+    (``vocabulary_axis``, ``embedding_axes``, ``padding_index``,
+    ``vocabulary``, ``true_vocab_size``); ``hold`` holds a trainable
+    array as the file or the caller says."""
+    raise TypeError(f"{cls.__name__} declares no file layout.")
+
+
+def stored_kind(name: Any) -> type[AbstractTable] | None:
+  """The kind of table whose files say ``table: name``, or None.
+
+  >>> import named_embed as ne
+  >>> stored_kind("lora") is ne.LoraTable, stored_kind("hashed")
+  (True, None)
+  """
+  return file_layout.stored_kinds(AbstractTable).get(name)
 
 
 def _what(value: Any) -> str:

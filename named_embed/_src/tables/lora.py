@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any
 
 import jax
@@ -12,7 +13,7 @@ from penzai import pz
 
 from named_embed._src.base import validation
 from named_embed._src.rows import row_chunks, row_source, table_arrays
-from named_embed._src.tables import adapted
+from named_embed._src.tables import adapted, file_layout
 from named_embed._src.tables.quantized import QuantizedTable
 from named_embed._src.tables.table import EmbeddingTable
 
@@ -120,6 +121,41 @@ class LoraTable(pz.Struct, adapted.AdaptedTable):
       not table_arrays.is_frozen(self.lora_b),
     )
     return source, (*base_arrays, a, b)
+
+  # ------------------------------------------------ file layout (contract)
+
+  FILE_KIND = "lora"
+  ADAPTER_TENSORS = ("lora_a", "lora_b")
+
+  def adapter_layout(self) -> file_layout.FileLayout:
+    """``lora_a {vocabulary, rank}`` and ``lora_b {rank, *embedding}``,
+    each with how it is held; entry ``alpha``."""
+    axes = tuple(self.embedding_axes)
+    arrays = {
+      "lora_a": file_layout.StoredArray(
+        (self.vocabulary_axis, RANK_AXIS), self.lora_a, "lora_a_"
+      ),
+      "lora_b": file_layout.StoredArray(
+        (RANK_AXIS, *axes), self.lora_b, "lora_b_"
+      ),
+    }
+    return file_layout.FileLayout(arrays, {"alpha": json.dumps(self.alpha)})
+
+  @classmethod
+  def from_base_and_file(cls, base, arrays, metadata, fields, hold):
+    """The table of ``base`` and a file's ``lora_a``, ``lora_b``, ``alpha``."""
+    a = pz.nx.wrap(
+      jnp.asarray(arrays["lora_a"]), fields["vocabulary_axis"], RANK_AXIS
+    )
+    b = pz.nx.wrap(
+      jnp.asarray(arrays["lora_b"]), RANK_AXIS, *fields["embedding_axes"]
+    )
+    return cls(
+      base=base,
+      lora_a=hold(a, "lora_a_", "embeddings.lora_a"),
+      lora_b=hold(b, "lora_b_", "embeddings.lora_b"),
+      alpha=float(json.loads(metadata["alpha"])),
+    )
 
   def merged(self) -> EmbeddingTable:
     """The plain table ``base + (alpha / rank) * A @ B`` (frozen), with the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from typing import Any
 
@@ -15,6 +16,7 @@ from penzai import pz
 from named_embed._src.base import quantization, validation
 from named_embed._src.base.vocabulary import Vocabulary
 from named_embed._src.rows import row_chunks, row_source, table_arrays
+from named_embed._src.tables import file_layout
 from named_embed._src.tables.contract import AbstractTable
 from named_embed._src.tables.table import EmbeddingTable
 
@@ -273,6 +275,77 @@ class QuantizedTable(pz.Struct, AbstractTable):
       return (self.vocabulary_axis,)
     return self._codes_axes()
 
+  # ------------------------------------------------ file layout (contract)
+
+  FILE_KIND = "quantized"
+
+  def file_layout(self) -> file_layout.FileLayout:
+    """``codes`` (int8, or uint8 two values a byte) and ``scales``
+    (float32), always frozen; entries ``scheme``, ``group_size``,
+    ``embedding_sizes``, ``dtype`` (of the rows as read) and ``base:
+    quantized`` (a quantised table is its own base).
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((2, 4), np.float32))
+    >>> layout = table.quantized("int4", 2).file_layout()
+    >>> {k: s.axes for k, s in layout.arrays.items()}
+    {'codes': ('vocabulary', 'embedding'), 'scales': ('vocabulary', 'embedding')}
+    >>> layout.entries["group_size"], layout.entries["dtype"]
+    ('2', 'float32')
+    """
+    arrays = {
+      "codes": file_layout.StoredArray(self._codes_axes(), self.codes, None),
+      "scales": file_layout.StoredArray(self._scales_axes(), self.scales, None),
+    }
+    entries = {
+      "base": "quantized",
+      "scheme": self.scheme,
+      "group_size": json.dumps(self.group_size),
+      "embedding_sizes": json.dumps(list(self.embedding_axes.values())),
+      "dtype": np.dtype(self.dtype).name,
+    }
+    return file_layout.FileLayout(arrays, entries)
+
+  @classmethod
+  def file_tensors(cls, metadata, path) -> tuple[str, ...]:
+    """``("codes", "scales")``; a `ValueError` if the file names another
+    base."""
+    base = metadata.get("base")
+    if base != "quantized":
+      raise file_layout.corrupt(
+        path,
+        metadata.get("table"),
+        f"its metadata names the base {base!r} where a quantized table's"
+        " codes and scales are 'quantized'.",
+      )
+    return ("codes", "scales")
+
+  @classmethod
+  def from_file(cls, arrays, metadata, fields, hold, path) -> QuantizedTable:
+    """The table of a file's ``codes`` and ``scales``, checked against the
+    recorded scheme, group size and embedding sizes (see
+    `AbstractTable.from_file`)."""
+    axis, axes = fields["vocabulary_axis"], fields["embedding_axes"]
+    sizes = json.loads(metadata["embedding_sizes"])
+    group_size = json.loads(metadata["group_size"])
+    codes = jnp.asarray(arrays["codes"])
+    scales = jnp.asarray(arrays["scales"])
+    scales_axes = (axis,) if group_size is None else (axis, *axes)
+    table = cls(
+      codes=pz.nx.wrap(codes, axis, *axes),
+      scales=pz.nx.wrap(scales, *scales_axes),
+      scheme=metadata["scheme"],
+      group_size=group_size,
+      embedding_shape=tuple(zip(axes, sizes, strict=True)),
+      dtype=np.dtype(metadata["dtype"]),
+      vocabulary_axis=axis,
+      padding_index=fields["padding_index"],
+      vocabulary=fields["vocabulary"],
+      true_vocab_size=fields["true_vocab_size"],
+    )
+    _check_stored(table, codes, scales)
+    return table
+
   # ------------------------------------------- inspection (every kind alike)
 
   def nearest(
@@ -433,6 +506,31 @@ class QuantizedSource(row_source.RowSource):
       256, 2 ** int(math.log2(max(DECODE_CHUNK_BYTES // row_bytes, 1)))
     )
     return row_chunks.chunked_logits(hidden, tuple(arrays), self, chunk)
+
+
+def _check_stored(table: QuantizedTable, codes, scales) -> None:
+  """Raises ValueError if a file's codes and scales do not fit the layout
+  its metadata record."""
+  sizes = list(table.embedding_axes.values())
+  rows = codes.shape[0]
+  packed = [*sizes[:-1], sizes[-1] // (2 if table.bits == 4 else 1)]
+  want_codes = (rows, *packed)
+  if table.group_size is None:
+    want_scales = (rows,)
+  else:
+    want_scales = (rows, *sizes[:-1], sizes[-1] // table.group_size)
+  dtype = np.uint8 if table.bits == 4 else np.int8
+  if codes.shape != want_codes or codes.dtype != dtype:
+    raise ValueError(
+      f"codes {codes.dtype}{list(codes.shape)} do not fit"
+      f" {table.scheme} rows of sizes {sizes} (expected {np.dtype(dtype)}"
+      f"{list(want_codes)})."
+    )
+  if scales.shape != want_scales or scales.dtype != np.float32:
+    raise ValueError(
+      f"scales {scales.dtype}{list(scales.shape)} do not fit (expected"
+      f" float32{list(want_scales)})."
+    )
 
 
 @functools.lru_cache(maxsize=256)

@@ -15,6 +15,7 @@ from named_embed._src.base import norms, validation
 from named_embed._src.base.initializers import default_initializer, initialize
 from named_embed._src.base.vocabulary import Vocabulary
 from named_embed._src.rows import row_source, table_arrays
+from named_embed._src.tables import file_layout
 from named_embed._src.tables.contract import AbstractTable
 
 if TYPE_CHECKING:
@@ -392,6 +393,44 @@ class EmbeddingTable(pz.Struct, AbstractTable):
       rows = self.rows_array()
     source = row_source.dense_source(rows.shape, rows.dtype, not frozen)
     return source, (rows,)
+
+  # ------------------------------------------------ file layout (contract)
+
+  FILE_KIND = "embedding"
+  """A plain table's files name no kind; ``embedding`` names it as the
+  base of an adapted table's file."""
+
+  def file_layout(self) -> file_layout.FileLayout:
+    """One tensor, ``embeddings``, held as the table holds it.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32))
+    >>> table.file_layout().arrays["embeddings"].axes
+    ('vocabulary', 'embedding')
+    """
+    axes = (self.vocabulary_axis, *self.embedding_axes)
+    stored = file_layout.StoredArray(axes, self.embeddings, "")
+    return file_layout.FileLayout({"embeddings": stored}, {})
+
+  @classmethod
+  def file_tensors(cls, metadata, path) -> tuple[str, ...]:
+    """``("embeddings",)``."""
+    return ("embeddings",)
+
+  @classmethod
+  def from_file(cls, arrays, metadata, fields, hold, path) -> EmbeddingTable:
+    """The table of a file's ``embeddings`` (see `AbstractTable.from_file`)."""
+    axis = fields["vocabulary_axis"]
+    value = pz.nx.wrap(
+      jnp.asarray(arrays["embeddings"]), axis, *fields["embedding_axes"]
+    )
+    return cls(
+      hold(value, "", "embeddings.embeddings"),
+      axis,
+      padding_index=fields["padding_index"],
+      vocabulary=fields["vocabulary"],
+      true_vocab_size=fields["true_vocab_size"],
+    )
 
   def token_rows(self) -> jax.Array:
     """The ``[vocab_size, *embedding]`` rows of real tokens (alignment rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any
 
 import jax
@@ -13,7 +14,7 @@ from penzai import pz
 
 from named_embed._src.base import validation
 from named_embed._src.rows import row_chunks, row_source, table_arrays
-from named_embed._src.tables import adapted
+from named_embed._src.tables import adapted, file_layout
 from named_embed._src.tables.lora import frozen_base
 from named_embed._src.tables.quantized import QuantizedTable
 from named_embed._src.tables.table import EmbeddingTable
@@ -110,6 +111,33 @@ class TrainableRowsTable(pz.Struct, adapted.AdaptedTable):
       base_source, self.row_ids, not table_arrays.is_frozen(self.rows)
     )
     return source, (*base_arrays, values)
+
+  # ------------------------------------------------ file layout (contract)
+
+  FILE_KIND = "trainable_rows"
+  ADAPTER_TENSORS = ("trainable_rows",)
+
+  def adapter_layout(self) -> file_layout.FileLayout:
+    """``trainable_rows {rows, *embedding}`` with how it is held; entry
+    ``row_ids``."""
+    axes = (ROWS_AXIS, *self.embedding_axes)
+    stored = file_layout.StoredArray(axes, self.rows, "rows_")
+    return file_layout.FileLayout(
+      {"trainable_rows": stored}, {"row_ids": json.dumps(self.row_ids)}
+    )
+
+  @classmethod
+  def from_base_and_file(cls, base, arrays, metadata, fields, hold):
+    """The table of ``base`` and a file's ``trainable_rows``, ``row_ids``."""
+    rows = pz.nx.wrap(
+      jnp.asarray(arrays["trainable_rows"]),
+      ROWS_AXIS,
+      *fields["embedding_axes"],
+    )
+    row_ids = tuple(int(i) for i in json.loads(metadata["row_ids"]))
+    return cls(
+      base=base, rows=hold(rows, "rows_", "embeddings.rows"), row_ids=row_ids
+    )
 
   def merged(self) -> EmbeddingTable:
     """The plain table with the trained rows written in (frozen), with the

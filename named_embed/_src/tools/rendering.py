@@ -254,10 +254,9 @@ def row_norm_statistics(
   chunk at a time).
 
   >>> import numpy as np, named_embed as ne
-  >>> from named_embed._src.tools import rendering
   >>> table = ne.EmbeddingTable.from_pretrained(
   ...     np.array([[0, 0], [3, 4]], np.float32)).padded_to_multiple(4)
-  >>> rendering.row_norm_statistics(table.quantized())
+  >>> ne.row_norm_statistics(table.quantized())
   (0.0, 2.5, 5.0)
   """
   try:

@@ -43,7 +43,7 @@ def chunk_rows(source: row_source.RowSource, num_rows: int) -> int:
   most ``num_rows`` (at least 1).
 
   >>> from named_embed._src.rows import row_source
-  ... from named_embed._src.tools import row_scan
+  >>> from named_embed._src.tools import row_scan
   >>> row_scan.chunk_rows(row_source.dense_source((10**6, 1024), "f4"),
   ...                      10**6)
   2048
