@@ -324,7 +324,7 @@ def eager_pooled(now, before, w, ids) -> Case:
   )
 
 
-def build_cases(now, before) -> list[Case]:
+def build_cases(now, before, eager_only: bool = False) -> list[Case]:
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((V, D), np.float32) * 0.05)
   ids = jnp.asarray(rng.integers(0, V, (B, T), np.int32))
@@ -335,12 +335,18 @@ def build_cases(now, before) -> list[Case]:
   targets = jnp.asarray(rng.integers(0, V, (LOSS_B, LOSS_T), np.int32))
   small_w = jnp.asarray(rng.standard_normal((EAGER_V, EAGER_D), np.float32))
   small_ids = jnp.asarray(rng.integers(0, EAGER_V, (1, EAGER_TOKENS), np.int32))
-  cases = [
-    jit_lookup(now, before, w, ids),
-    jit_lookup_grad(now, before, w, ids),
-    jit_decode(now, before, w, h_decode),
-    jit_loss(now, before, w, h_loss, targets, with_grad=False),
-    jit_loss(now, before, w, h_loss, targets, with_grad=True),
+  cases = (
+    []
+    if eager_only
+    else [
+      jit_lookup(now, before, w, ids),
+      jit_lookup_grad(now, before, w, ids),
+      jit_decode(now, before, w, h_decode),
+      jit_loss(now, before, w, h_loss, targets, with_grad=False),
+      jit_loss(now, before, w, h_loss, targets, with_grad=True),
+    ]
+  )
+  cases += [
     eager_lookup(now, before, small_w, small_ids, layer=False),
     eager_lookup(now, before, small_w, small_ids, layer=True),
   ]
@@ -432,16 +438,22 @@ def table(rows: list[tuple[Case, dict[str, list[float]]]]) -> str:
   return "\n".join(lines)
 
 
-def machine_line(commit: str, load: tuple[float, ...], rounds: int) -> str:
+def commits(commit: str) -> str:
+  """``now = <HEAD>[ + working tree], before = <commit>``, read before the
+  imports (a commit made during the run would not be what was timed)."""
   head = git("rev-parse", "--short", "HEAD")
   dirty = git("status", "--porcelain", "--", "named_embed")
   before = git("rev-parse", "--short", f"{commit}^{{commit}}")
+  return f"now = {head}{' + working tree' if dirty else ''}, before = {before}"
+
+
+def machine_line(versions: str, load: tuple[float, ...], rounds: int) -> str:
   end = os.getloadavg()
   return (
     f"Machine: {os.cpu_count()} CPUs ({jax.devices()[0].platform}), load"
     f" averages {', '.join(f'{x:.2f}' for x in load)} at start,"
     f" {', '.join(f'{x:.2f}' for x in end)} at end; jax {jax.__version__};"
-    f" now = {head}{' + working tree' if dirty else ''}, before = {before};"
+    f" {versions};"
     f" {rounds} interleaved rounds, cells are median (min) per call."
   )
 
@@ -455,15 +467,19 @@ def main() -> None:
     "--eager-calls", type=int, default=2000, help="calls per eager sample"
   )
   parser.add_argument("--seed", type=int, default=0, help="round orders")
+  parser.add_argument(
+    "--eager-only", action="store_true", help="only the eager cases"
+  )
   args = parser.parse_args()
   rounds = args.rounds or (7 if args.quick else 21)
   target = 0.02  # seconds per sample of a jitted case
   load = os.getloadavg()
+  versions = commits(args.commit)
   with tempfile.TemporaryDirectory(prefix="versus_commit_") as tmp:
     now, before = import_both(args.commit, Path(tmp))
     log(f"imported named_embed ({REPO}) and {args.commit} as {BEFORE}")
     rows = []
-    for index, case in enumerate(build_cases(now, before)):
+    for index, case in enumerate(build_cases(now, before, args.eager_only)):
       log(f"{case.name}: checking")
       check(case)
       times, blocks = time_case(
@@ -473,7 +489,7 @@ def main() -> None:
       rows.append((case, times))
   print(table(rows))
   print()
-  print(machine_line(args.commit, load, rounds))
+  print(machine_line(versions, load, rounds))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,9 @@ def wrap_named(
   (`pz.nx.NamedArray` is concrete): the eager hot path of lookups.
   """
   result = object.__new__(pz.nx.NamedArray)
-  result.__init__(named_axes=named_axes, data_array=data)
+  # The fields as the frozen dataclass's __init__ sets them (it has no
+  # __post_init__), without its per-field object.__setattr__ calls.
+  result.__dict__.update(named_axes=named_axes, data_array=data)
   return result
 
 

@@ -103,11 +103,7 @@ class _Plan:
 def _plan(
   options: gather.LookupConfig,
   source: row_source.RowSource,
-  vocabulary_axis: str,
-  embedding_axes: tuple[tuple[str, int], ...],
-  true_vocab_size: int | None,
-  padding_index: int | None,
-  rows_sharding: Any,
+  facts: contract.StaticFacts,
   token_axes: tuple[tuple[str, int], ...],
   runtime_check: bool,
   caller: str,
@@ -119,20 +115,22 @@ def _plan(
     named_arrays.check_no_clash(
       f"named_embed.{caller}",
       [name for name, _ in token_axes],
-      (vocabulary_axis, *dict(embedding_axes)),
+      (facts.vocabulary_axis, *dict(facts.embedding_axes)),
     )
-  vocab_size = true_vocab_size or source.num_rows
+  vocab_size = facts.true_vocab_size or source.num_rows
   policy = dataclasses.replace(
     options,
     # A table bound after construction may hold a negative pad row.
-    padding_index=validation.resolve_padding_index(padding_index, vocab_size),
+    padding_index=validation.resolve_padding_index(
+      facts.padding_index, vocab_size
+    ),
     runtime_check=runtime_check,
-    vocab_size=true_vocab_size,
-    rows_sharding=rows_sharding,
+    vocab_size=facts.true_vocab_size,
+    rows_sharding=facts.rows_sharding,
   )
   return _Plan(
     kernel=gather.compile_gather(policy, f"named_embed.{caller}", source),
-    output_axes=collections.OrderedDict((*token_axes, *embedding_axes)),
+    output_axes=collections.OrderedDict((*token_axes, *facts.embedding_axes)),
   )
 
 
@@ -144,27 +142,18 @@ def _lookup(
 ) -> pz.nx.NamedArray:
   """`lookup` with options already validated into a `LookupConfig`.
 
-  The hot path of every eager call: it reads the table's row source and
-  arrays (the table contract), builds the plan's cache key from static
-  facts, and calls the cached kernel.
+  The hot path of every eager call: it reads the table's row source,
+  arrays and static facts (the table contract), and calls the kernel its
+  cached plan holds.
   """
   contract.check_table(table, f"named_embed.{caller}")
-  source, arrays = table.row_parts()
+  source, facts, arrays = table.call_parts()
   ids, token_axes = named_arrays.split_tokens(tokens)
   ids, runtime_check = range_policy.admit_ids(
-    ids, options.out_of_range, table.vocab_size
+    ids, options.out_of_range, facts.true_vocab_size or source.num_rows
   )
   plan = _plan(
-    options,
-    source,
-    table.vocabulary_axis,
-    tuple(table.embedding_axes.items()),
-    table.true_vocab_size,
-    table.padding_index,
-    table.rows_sharding,
-    tuple(token_axes.items()),
-    runtime_check,
-    caller,
+    options, source, facts, tuple(token_axes.items()), runtime_check, caller
   )
   return named_arrays.wrap_named(plan.kernel(arrays, ids), plan.output_axes)
 
@@ -230,11 +219,16 @@ class EmbeddingLookup(pz.nn.Layer):
 
   def __post_init__(self):
     contract.check_table(self.table, "EmbeddingLookup")
-    self.policy  # noqa: B018 - validate the options now.
+    # Validate the options now, and keep them: the fields are frozen.
+    object.__setattr__(self, "_policy", self._validated())
 
   @property
   def policy(self) -> gather.LookupConfig:
-    """The validated options (cached per distinct combination)."""
+    """The validated options (worked out once per layer)."""
+    kept = self.__dict__.get("_policy")
+    return kept if kept is not None else self._validated()
+
+  def _validated(self) -> gather.LookupConfig:
     return gather.lookup_config(
       self.out_of_range,
       self.max_norm,

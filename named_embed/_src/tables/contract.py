@@ -32,7 +32,26 @@ from typing import Any, ClassVar
 
 from penzai import pz
 
+from named_embed._src.base import static
 from named_embed._src.tables import file_layout
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StaticFacts(static.Static):
+  """A table's static facts (`AbstractTable.static_facts`): equal by
+  fields, hashed once (a plan cache key).
+
+  >>> import numpy as np, named_embed as ne
+  >>> ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32)
+  ...     ).static_facts().embedding_axes
+  (('embedding', 2),)
+  """
+
+  vocabulary_axis: str
+  embedding_axes: tuple[tuple[str, int], ...]
+  true_vocab_size: int | None
+  padding_index: int | None
+  rows_sharding: Any
 
 
 class AbstractTable:
@@ -62,6 +81,24 @@ class AbstractTable:
     raise NotImplementedError(
       f"{type(self).__name__} must define row_parts() (the table contract)."
     )
+
+  def static_facts(self) -> StaticFacts:
+    """The facts eager calls key their per-call plans by, in one hashable
+    tuple (a kind may compute it faster than property by property)."""
+    return StaticFacts(
+      self.vocabulary_axis,
+      tuple(self.embedding_axes.items()),
+      self.true_vocab_size,
+      self.padding_index,
+      self.rows_sharding,
+    )
+
+  def call_parts(self) -> tuple[Any, StaticFacts, tuple]:
+    """``(source, facts, arrays)``: `row_parts` and `static_facts` in one
+    call, the first thing every eager operation asks (a kind may answer
+    faster than the two apart)."""
+    source, arrays = self.row_parts()
+    return source, self.static_facts(), arrays
 
   def with_rows_sharding(self, rows_sharding) -> Any:
     """This table with ``rows_sharding`` recorded (`named_embed.shard`

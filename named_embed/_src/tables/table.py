@@ -16,7 +16,7 @@ from named_embed._src.base.initializers import default_initializer, initialize
 from named_embed._src.base.vocabulary import Vocabulary
 from named_embed._src.rows import row_source, table_arrays
 from named_embed._src.tables import file_layout
-from named_embed._src.tables.contract import AbstractTable
+from named_embed._src.tables.contract import AbstractTable, StaticFacts
 
 if TYPE_CHECKING:
   from named_embed._src.tools.inspection import Query
@@ -393,6 +393,51 @@ class EmbeddingTable(pz.Struct, AbstractTable):
       rows = self.rows_array()
     source = row_source.dense_source(rows.shape, rows.dtype, not frozen)
     return source, (rows,)
+
+  def static_facts(self) -> StaticFacts:
+    """The table contract's static facts, read straight off a stored
+    value that leads with the vocabulary (the eager hot path).
+
+    >>> import numpy as np, named_embed as ne
+    >>> ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32)
+    ...     ).static_facts().vocabulary_axis
+    'vocabulary'
+    """
+    value = self.embeddings
+    if type(value) is not pz.nx.NamedArray:
+      value = table_arrays.value_or_none(value)
+    if type(value) is pz.nx.NamedArray:
+      axes = tuple(value.named_axes.items())
+      if axes[0][0] == self.vocabulary_axis:
+        return StaticFacts(
+          self.vocabulary_axis,
+          axes[1:],
+          self.true_vocab_size,
+          self.padding_index,
+          self.rows_sharding,
+        )
+    return super().static_facts()
+
+  def call_parts(self) -> tuple[row_source.RowSource, StaticFacts, tuple]:
+    """`AbstractTable.call_parts`. A frozen table's source and facts are
+    worked out once and kept on the table (its value never changes: a
+    frozen dataclass holding an immutable `NamedArray`); a trainable
+    table's are read afresh, as its parameter's value may be replaced.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((3, 2), np.float32))
+    >>> source, facts, (rows,) = table.call_parts()
+    >>> source.num_rows, facts.embedding_axes, rows.shape
+    (3, (('embedding', 2),), (3, 2))
+    """
+    kept = self.__dict__.get("_call_parts")
+    if kept is not None:
+      return kept
+    source, arrays = self.row_parts()
+    parts = (source, self.static_facts(), arrays)
+    if type(self.embeddings) is pz.nx.NamedArray:
+      object.__setattr__(self, "_call_parts", parts)
+    return parts
 
   # ------------------------------------------------ file layout (contract)
 

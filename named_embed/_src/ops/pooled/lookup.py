@@ -205,18 +205,14 @@ def _pooled(
   The hot path of every eager call: it reads the table's parts, builds the
   plan's cache key from static facts, and calls the cached kernel.
   """
-  source, arrays = table.row_parts()
+  source, facts, arrays = table.call_parts()
   bags, runtime_check = bag_inputs.admit_ids(
-    bags, options.rows.out_of_range, table.vocab_size
+    bags, options.rows.out_of_range, facts.true_vocab_size or source.num_rows
   )
   plan = _plan(
     options,
     source,
-    table.vocabulary_axis,
-    tuple(table.embedding_axes.items()),
-    table.true_vocab_size,
-    table.padding_index,
-    table.rows_sharding,
+    facts,
     bags.layout,
     tuple(bags.ids.shape),
     runtime_check,
@@ -239,11 +235,7 @@ class _Plan:
 def _plan(
   options: bag_inputs.PoolOptions,
   source: Any,
-  vocabulary_axis: str,
-  embedding_axes: tuple[tuple[str, int], ...],
-  true_vocab_size: int | None,
-  padding_index: int | None,
-  rows_sharding: Any,
+  facts: contract.StaticFacts,
   layout: tuple,
   ids_shape: tuple[int, ...],
   runtime_check: bool,
@@ -253,6 +245,9 @@ def _plan(
   and builds the kernel for one static configuration: every later call
   with the same configuration costs one cache lookup."""
   bags = bag_inputs.bag_layout(layout, ids_shape, caller)
+  vocabulary_axis, embedding_axes = facts.vocabulary_axis, facts.embedding_axes
+  true_vocab_size, padding_index = facts.true_vocab_size, facts.padding_index
+  rows_sharding = facts.rows_sharding
   num_rows = source.num_rows
   table_arrays.check_bound_rows(true_vocab_size, num_rows)
   named_arrays.check_no_clash(
