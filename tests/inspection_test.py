@@ -492,7 +492,7 @@ def test_summary_of_every_kind_with_alignment_rows():
   for kind, (adapted, ref) in kinds_of(table).items():
     text = treescope.render_to_text(adapted)
     assert type(adapted).__name__ + "(  # " in text.splitlines()[0]
-    low, mean, high = ne._src.tools.rendering.row_norm_statistics(adapted)
+    low, mean, high = ne.row_norm_statistics(adapted)
     ref_norms = np.linalg.norm(np.asarray(ref.token_rows()), axis=1)
     np.testing.assert_allclose(
       [low, mean, high],
