@@ -1052,3 +1052,17 @@ def test_adapted_layers_train_their_adapters_through_a_bag(kind):
 
   grads = jax.jit(jax.grad(loss))([p.freeze() for p in params])
   assert all(np.abs(np.asarray(g.value.data_array)).sum() > 0 for g in grads)
+
+
+def test_padded_members_keep_the_bag_indices_sorted():
+  """The scatters over bag indices promise XLA sorted indices
+  (``indices_are_sorted``): padding a ragged layout's last chunk must
+  repeat the last bag, not restart at bag 0."""
+  from named_embed._src.ops.pooled import reductions
+
+  bag = jnp.array([0, 0, 1, 3], jnp.int32)
+  padded = np.asarray(reductions.chunks(bag, 3, edge=True))
+  assert padded.tolist() == [[0, 0, 1], [3, 3, 3]]
+  assert np.all(np.diff(padded.reshape(-1)) >= 0)
+  ids = np.asarray(reductions.chunks(jnp.array([5, 6, 7, 8]), 3))
+  assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]

@@ -172,7 +172,8 @@ def placed(kind: str, layout: str):
   return place(make(kind, layout), layout)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+# One device without alignment rows is every kind's own test file's case.
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("operation", OPERATIONS)
 def test_operation_equals_the_float_reference(operation, kind, layout):

@@ -146,7 +146,8 @@ def _lookup(
   arrays and static facts (the table contract), and calls the kernel its
   cached plan holds.
   """
-  contract.check_table(table, f"named_embed.{caller}")
+  if not isinstance(table, contract.AbstractTable):  # message built on error
+    contract.check_table(table, f"named_embed.{caller}")
   source, facts, arrays = table.call_parts()
   ids, token_axes = named_arrays.split_tokens(tokens)
   ids, runtime_check = range_policy.admit_ids(

@@ -161,13 +161,16 @@ def bag_index(offsets, num_ids: int, num_bags: int, include_last_offset: bool):
   return jnp.clip(bag, 0, num_bags - 1), in_bag
 
 
-def chunks(x, size: int):
+def chunks(x, size: int, edge: bool = False):
   """``x`` (member axis last) padded to a positive multiple of ``size``
-  with zeros (False), as ``[n, ..., size]``."""
+  with zeros (False), or with copies of its last value (``edge``: bag
+  indices stay sorted, as the scatters over them promise XLA), as
+  ``[n, ..., size]``."""
   if x is None:
     return None
   pad = -x.shape[-1] % size if x.shape[-1] else size  # at least one chunk
-  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  widths = [(0, 0)] * (x.ndim - 1) + [(0, pad)]
+  x = jnp.pad(x, widths, mode="edge" if edge and x.shape[-1] else "constant")
   x = x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
   return jnp.moveaxis(x, -2, 0)
 
@@ -227,7 +230,7 @@ def members(ids, offsets, policy: PoolConfig, sharded: bool):
     keep=chunks(keep, size),
     coef=chunks(coef, size),
     scale=chunks(scale, size),
-    bag=chunks(bag, size),
+    bag=chunks(bag, size, edge=True),
   )
   return chunked, count, bad
 
