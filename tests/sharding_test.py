@@ -7,11 +7,9 @@ configured before JAX starts, so they run in a subprocess here.
 from __future__ import annotations
 
 import collections
-import os
 import pathlib
-import subprocess
-import sys
 
+import conftest
 import jax
 import numpy as np
 import pytest
@@ -31,27 +29,12 @@ MULTIDEVICE = sorted(
 
 @pytest.mark.parametrize("module", MULTIDEVICE)
 def test_multidevice_suite_passes_on_eight_cpu_devices(module):
-  """One subprocess a module, so that pytest-xdist spreads them."""
-  env = dict(os.environ, NAMED_EMBED_MULTIDEVICE="1")
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "pytest",
-      "-q",
-      "-x",
-      "-n",
-      "0",
-      str(HERE / "multidevice" / module),
-    ],
-    cwd=HERE.parent,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-  assert " passed" in result.stdout
+  """One subprocess a module, started in the background at the start of
+  the session (`conftest.multidevice_result`)."""
+  result = conftest.multidevice_result(module)
+  output = result["stdout"][-6000:] + result["stderr"][-3000:]
+  assert result["returncode"] == 0, output
+  assert " passed" in result["stdout"]
 
 
 def test_partition_spec_maps_names_and_keeps_positional_axes_unsharded():
