@@ -43,6 +43,7 @@ from penzai import pz
 
 from named_embed._src.files import file_metadata
 from named_embed._src.files.file_metadata import Tensor
+from named_embed._src.rows import row_source
 from named_embed._src.tables import contract, file_layout
 
 
@@ -183,6 +184,4 @@ def _in_order(value: Any, axes: tuple[str, ...]) -> Any:
     named = value.value  # a penzai variable holding the array
   else:
     return value  # a raw array, already in the stored order
-  if type(named) is pz.nx.NamedArray and tuple(named.named_axes) == axes:
-    return named.data_array
-  return named.unwrap(*axes)
+  return row_source.raw_in_order(named, axes)
