@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +26,7 @@ from safetensors.numpy import save_file
 import named_embed as ne
 from named_embed import formats
 
-UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 W = np.arange(12, dtype=np.float32).reshape(4, 3)
 
 
@@ -295,7 +297,7 @@ def test_vocabulary_length_must_match_the_rows(tmp_path):
   vocab = json.dumps({"tokens": ["a", "b", "c"], "roles": {}})
   path = with_metadata(tmp_path, vocabulary=vocab)
   with pytest.raises(
-    ValueError, match="vocabulary has 3 tokens but the table has 4 rows"
+    ValueError, match="vocabulary. has 3 tokens for the 4 token rows"
   ):
     formats.load(path)
 
@@ -513,3 +515,75 @@ def test_an_unknown_or_corrupt_kind_of_table_is_named(tmp_path):
   save_file(tensors, path, metadata=metadata)
   with pytest.raises(ValueError, match=r"has no tensor 'scales'"):
     formats.load(path)
+
+
+@pytest.mark.parametrize("name", ["lora_bf16", "rows", "lora_int8"])
+def test_a_lost_kind_entry_never_loads_part_of_a_table(tmp_path, name):
+  """A LoRA or trainable-rows file without its `table` entry used to load
+  as a plain table, silently dropping the adapters."""
+  tensors, metadata = earlier_files()[name]
+  path = tmp_path / "t.safetensors"
+  del metadata["table"]
+  save_file(tensors, path, metadata=metadata)
+  with pytest.raises(ValueError) as raised:
+    formats.load(path)
+  message = str(raised.value)
+  assert str(path) in message
+  assert "names no kind (a plain table)" in message
+  assert "Refusing to load part of it" in message
+
+
+def test_extra_tensors_beside_a_kind_are_refused(tmp_path):
+  tensors, metadata = earlier_files()["int8"]
+  path = tmp_path / "t.safetensors"
+  save_file(
+    {**tensors, "lora_a": np.ones((8, 2), np.float32)}, path, metadata=metadata
+  )
+  with pytest.raises(ValueError, match=r"names a 'quantized' table.*'lora_a'"):
+    formats.load(path)
+
+
+@pytest.mark.parametrize("alpha", ["NaN", "Infinity", "-1.0", "0", '"x"'])
+def test_a_lora_alpha_the_api_refuses_is_refused_from_a_file(tmp_path, alpha):
+  tensors, metadata = earlier_files()["lora_bf16"]
+  path = tmp_path / "t.safetensors"
+  save_file(tensors, path, metadata={**metadata, "alpha": alpha})
+  with pytest.raises(ValueError, match=r"t.safetensors: corrupt .*lora"):
+    formats.load(path)
+  with pytest.raises((ValueError, TypeError), match=r"alpha"):
+    ne.LoraTable(
+      **{
+        "base": ne.EmbeddingTable.from_pretrained(tensors["embeddings"]),
+        "lora_a": pz.nx.wrap(tensors["lora_a"], "vocabulary", "lora_rank"),
+        "lora_b": pz.nx.wrap(tensors["lora_b"], "lora_rank", "embedding"),
+        "alpha": json.loads(alpha),
+      }
+    )
+
+
+@pytest.mark.parametrize("name", ["plain", "int8"])
+def test_a_huge_vocabulary_entry_is_refused_before_it_is_parsed(tmp_path, name):
+  """The bomb of the issue: megabytes of tokens beside 7 token rows."""
+  tensors, metadata = earlier_files()[name]
+  tokens = [f"token{i}" for i in range(1_000_000)]
+  metadata["vocabulary"] = json.dumps({"tokens": tokens, "roles": {}})
+  path = tmp_path / "t.safetensors"
+  save_file(tensors, path, metadata=metadata)
+  tracemalloc.start()
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match=r"characters for 7 tokens"):
+    formats.load(path)
+  elapsed = time.perf_counter() - start
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  assert elapsed < 2.0
+  assert peak < 3 * len(metadata["vocabulary"]) + (32 << 20)
+
+
+def test_float8_tables_round_trip_bit_exact(tmp_path):
+  for dtype in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
+    rows = special_rows(np.float32).astype(dtype)
+    table = ne.EmbeddingTable.from_pretrained(rows)
+    loaded = formats.load(write(tmp_path, table))
+    assert loaded.dtype == dtype
+    np.testing.assert_array_equal(bits(loaded.rows_array()), bits(rows))

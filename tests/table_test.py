@@ -279,3 +279,13 @@ def test_table_is_a_pytree_with_one_leaf():
   assert rebuilt.padding_index == 0
   doubled = jax.tree.map(lambda x: x * 2, table)
   np.testing.assert_array_equal(doubled.rows_array(), W * 2)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (0, 0)])
+def test_an_empty_table_is_refused_at_construction(shape):
+  """A 0-row table used to construct, then fail every lookup inside XLA."""
+  with pytest.raises(ValueError, match=r"is empty. A table needs at least"):
+    ne.EmbeddingTable.from_pretrained(np.zeros(shape, np.float32))
+  named = pz.nx.wrap(np.zeros(shape, np.float32), "vocabulary", "embedding")
+  with pytest.raises(ValueError, match=r"axis '(vocabulary|embedding)'"):
+    ne.EmbeddingTable(named)

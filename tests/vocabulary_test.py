@@ -91,7 +91,7 @@ def test_load_rejects_bad_files(tmp_path):
   with pytest.raises(ValueError, match=r"no `model.vocab`"):
     ne.Vocabulary.load(path)
   path.write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 2}}}))
-  with pytest.raises(ValueError, match=r"ids \[1\] are missing"):
+  with pytest.raises(ValueError, match=r"id 1 is missing"):
     ne.Vocabulary.load(path)
   txt = tmp_path / "vocab.txt"
   txt.write_text("a\nb\na\n", encoding="utf-8")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import operator
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+
+from named_embed._src.base import vocabulary_files
 
 SPECIAL_ROLES = ("pad", "unk", "bos", "eos")
 
@@ -72,18 +73,7 @@ class Vocabulary:
         " vocab.txt or tokenizer.json file with `ne.Vocabulary.load(path)`."
       )
     tokens = tuple(tokens)
-    ids: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-      if not isinstance(token, str):
-        raise ValueError(
-          f"Vocabulary tokens must be strings; row {i} is {token!r}."
-        )
-      if token in ids:
-        raise ValueError(
-          f"Vocabulary token {token!r} appears twice: rows {ids[token]} and"
-          f" {i}."
-        )
-      ids[token] = i
+    ids = _ids_of(tokens)
     roles = {"pad": pad, "unk": unk, "bos": bos, "eos": eos}
     for role, token in roles.items():
       if token is not None and token not in ids:
@@ -344,14 +334,33 @@ class Vocabulary:
     """
     path = os.fspath(path)
     if path.endswith(".json"):
-      tokens = _tokenizer_json_tokens(path)
+      tokens = vocabulary_files.tokenizer_json_tokens(path)
     else:
-      tokens = _vocab_txt_tokens(path)
+      tokens = vocabulary_files.vocab_txt_tokens(path)
     roles = _guess_roles(tokens) if guess_roles else {}
     try:
       return cls(tokens, **roles)
     except ValueError as error:
       raise ValueError(f"{path}: {error}") from None
+
+
+def _ids_of(tokens: tuple) -> dict[str, int]:
+  """Token -> row; a ValueError for a non-string or repeated token."""
+  if set(map(type, tokens)) - {str}:
+    for i, token in enumerate(tokens):
+      if not isinstance(token, str):
+        raise ValueError(
+          f"Vocabulary tokens must be strings; row {i} is {token!r}."
+        )
+  ids = dict(zip(tokens, range(len(tokens))))
+  if len(ids) != len(tokens):
+    for i, token in enumerate(tokens):
+      if ids[token] != i:
+        again = tokens.index(token, i + 1)
+        raise ValueError(
+          f"Vocabulary token {token!r} appears twice: rows {i} and {again}."
+        )
+  return ids
 
 
 def _shown(value: object, limit: int = 40) -> str:
@@ -360,46 +369,6 @@ def _shown(value: object, limit: int = 40) -> str:
   if len(text) > limit:
     text = text[: limit - 3] + "..."
   return f"the {type(value).__name__} {text}"
-
-
-def _vocab_txt_tokens(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  lines = text.split("\n")
-  if lines and lines[-1] == "":
-    lines.pop()
-  return [line.rstrip("\r") for line in lines]
-
-
-def _tokenizer_json_tokens(path: str) -> list[str]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      spec = json.load(f)
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path} is not valid JSON: {error}") from None
-  model = spec.get("model") if isinstance(spec, dict) else None
-  vocab = model.get("vocab") if isinstance(model, dict) else None
-  by_id: dict[int, str] = {}
-  if isinstance(vocab, dict):
-    for token, index in vocab.items():
-      by_id[int(index)] = token
-  elif isinstance(vocab, list):
-    for index, entry in enumerate(vocab):
-      by_id[index] = entry[0] if isinstance(entry, list) else entry
-  else:
-    raise ValueError(
-      f"{path} has no `model.vocab` map or list: not a Hugging Face"
-      " tokenizer.json."
-    )
-  for added in spec.get("added_tokens", []) or []:
-    by_id.setdefault(int(added["id"]), added["content"])
-  size = max(by_id) + 1 if by_id else 0
-  missing = [i for i in range(size) if i not in by_id]
-  if missing:
-    raise ValueError(
-      f"{path}: token ids are not contiguous; ids {missing[:5]} are missing."
-    )
-  return [by_id[i] for i in range(size)]
 
 
 def _guess_roles(tokens: Sequence[str]) -> dict[str, str]:

@@ -161,9 +161,16 @@ def held_as_saved(
   return table_arrays.hold(kind, value, label)
 
 
-def parse_metadata(metadata: dict[str, Any], path: str) -> dict[str, Any]:
+def parse_metadata(
+  metadata: dict[str, Any], path: str, rows: int | None = None
+) -> dict[str, Any]:
   """The checked table fields of a file's metadata (axes, pad row,
   alignment rows, vocabulary, holder kind and label).
+
+  ``rows``, the number of rows the file's tensors hold, bounds the
+  vocabulary: its length is checked before a `Vocabulary` is built, and
+  a vocabulary entry longer than `MAX_TOKEN_BYTES` a row is refused before
+  it is parsed, so a huge entry beside a small table costs nothing.
 
   Raises:
     ValueError: naming the corrupt field and the file.
@@ -214,17 +221,37 @@ def parse_metadata(metadata: dict[str, Any], path: str) -> dict[str, Any]:
     raise bad("true_vocab_size", "must be a positive JSON integer or null")
   if spec["kind"] not in HOLDER_KINDS:
     raise bad("kind", f"must be one of {HOLDER_KINDS}")
-  spec["vocabulary"] = _parse_vocabulary(field_json("vocabulary"), bad)
+  if rows is not None:
+    want = rows if true_size is None else true_size
+    text = metadata.get("vocabulary")
+    if isinstance(text, str) and len(text) > 64 + want * MAX_TOKEN_BYTES:
+      raise bad(
+        "vocabulary",
+        f"holds {len(text)} characters for {want} tokens (more than"
+        f" {MAX_TOKEN_BYTES} a token)",
+      )
+  else:
+    want = None
+  spec["vocabulary"] = _parse_vocabulary(field_json("vocabulary"), bad, want)
   return spec
 
 
-def _parse_vocabulary(spec: Any, bad) -> Vocabulary | None:
+MAX_TOKEN_BYTES = 4096
+"""The longest stored token (in JSON characters) a file's vocabulary may
+hold on average: far beyond any real token."""
+
+
+def _parse_vocabulary(spec: Any, bad, want: int | None) -> Vocabulary | None:
   if spec is None:
     return None
   tokens = spec.get("tokens") if isinstance(spec, dict) else None
   roles = spec.get("roles", {}) if isinstance(spec, dict) else None
   if not isinstance(tokens, list) or not isinstance(roles, dict):
     raise bad("vocabulary", 'must be {"tokens": [...], "roles": {...}}')
+  if want is not None and len(tokens) != want:
+    raise bad(
+      "vocabulary", f"has {len(tokens)} tokens for the {want} token rows"
+    )
   unknown = sorted(set(roles) - set(SPECIAL_ROLES))
   if unknown:
     raise bad("vocabulary", f"has unknown roles {unknown}")

@@ -145,7 +145,9 @@ def build(
     )
 
   try:
-    fields = file_metadata.parse_metadata(metadata, path)
+    # every kind's first tensor leads with the vocabulary (`file_tensors`)
+    rows = next(iter(arrays.values())).shape[0]
+    fields = file_metadata.parse_metadata(metadata, path, rows)
     return _kind(metadata, path).from_file(arrays, metadata, fields, hold, path)
   except (KeyError, ValueError, TypeError, json.JSONDecodeError) as error:
     if str(error).startswith(f"{path}:"):

@@ -151,7 +151,7 @@ def load(
   path = os.fspath(path)
   return distributed_io.load(
     lambda: distributed_io.open_saved(
-      path, lambda metadata: _keys(metadata, path), file_metadata.check_marker
+      path, lambda metadata: _keys(metadata, path), _check_saved
     ),
     lambda stored, arrays: _table_of(stored, arrays, path, freeze),
     _tensors,
@@ -189,6 +189,26 @@ def _keys(metadata: dict[str, Any], path: str) -> tuple[str, ...]:
   return kind_layouts.keys(metadata, path)
 
 
+def _check_saved(path: str, metadata: dict[str, Any], names: list[str]):
+  """Raises unless ``ne.save`` wrote the file (or index) and it holds the
+  tensors of the kind its metadata names, no others: a file whose ``table``
+  entry is lost must not load as a plain table without its adapters."""
+  file_metadata.check_marker(path, metadata, names)
+  expected = _keys(metadata, path)
+  stored = {stored_tensors.parse_block_name(name)[0] for name in names}
+  extra = sorted(stored - set(expected))
+  if extra:
+    kind = metadata.get(file_metadata.KIND_KEY)
+    said = (
+      f"names a {kind!r} table" if kind else "names no kind (a plain table)"
+    )
+    raise ValueError(
+      f"{path}: its metadata {said}, made of the tensors {list(expected)},"
+      f" but it also holds {common.available(extra)}: damaged metadata, or a"
+      " file named_embed did not write. Refusing to load part of it."
+    )
+
+
 def _table_of(stored, arrays, path: str, freeze: bool | None) -> Any:
   metadata = next(iter(stored.values())).metadata
   if metadata.get(file_metadata.KIND_KEY) is None:
@@ -200,7 +220,7 @@ def _table_from(
   rows: Any, metadata: dict[str, Any], path: str, freeze: bool | None
 ) -> EmbeddingTable:
   """The table of a file's rows and metadata (see `load`)."""
-  spec = file_metadata.parse_metadata(metadata, path)
+  spec = file_metadata.parse_metadata(metadata, path, rows.shape[0])
   padded = spec["true_vocab_size"] is not None
   table = common.build_table(
     rows,

@@ -158,6 +158,13 @@ def check_table_array(value: pz.nx.NamedArrayBase, vocabulary_axis: str):
       "EmbeddingTable.embeddings needs at least one embedding axis besides"
       f" {vocabulary_axis!r}; got axes {dict(value.named_shape)}."
     )
+  empty = [name for name, size in value.named_shape.items() if size == 0]
+  if empty:
+    raise ValueError(
+      f"EmbeddingTable.embeddings has axes {dict(value.named_shape)}: axis"
+      f" {empty[0]!r} is empty. A table needs at least one row and one"
+      " value a row (every lookup of an empty table would fail)."
+    )
   dtype = getattr(value, "dtype", None)
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(

@@ -123,8 +123,9 @@ class AbstractTable:
   @classmethod
   def file_tensors(cls, metadata: dict[str, Any], path: str) -> tuple:
     """The names of the tensors a file of this kind holds, by its
-    metadata; a `ValueError` naming ``path`` for metadata of no such
-    table."""
+    metadata, the first leading with the vocabulary axis (its rows bound
+    the file's vocabulary); a `ValueError` naming ``path`` for metadata of
+    no such table."""
     raise TypeError(f"{cls.__name__} declares no file layout.")
 
   @classmethod

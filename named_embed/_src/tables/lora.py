@@ -72,6 +72,9 @@ class LoraTable(pz.Struct, adapted.AdaptedTable):
   alpha: float = dataclasses.field(default=1.0, metadata={"pytree_node": False})
 
   def __post_init__(self):
+    validation.check_number(
+      "LoraTable.alpha", self.alpha, positive=True, finite=True
+    )
     a = table_arrays.value_or_none(self.lora_a)
     b = table_arrays.value_or_none(self.lora_b)
     if a is None or b is None or not hasattr(self.base, "embedding_axes"):
