@@ -587,3 +587,24 @@ def test_float8_tables_round_trip_bit_exact(tmp_path):
     loaded = formats.load(write(tmp_path, table))
     assert loaded.dtype == dtype
     np.testing.assert_array_equal(bits(loaded.rows_array()), bits(rows))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ""])
+def test_names_without_utf8_form_are_refused_before_writing(tmp_path, suffix):
+  """A label or axis name with a lone surrogate used to be a bare
+  UnicodeEncodeError from inside safetensors."""
+  path = tmp_path / f"t{suffix}"
+  formats.save(ne.EmbeddingTable.from_pretrained(W), path)
+  label = ne.EmbeddingTable.from_pretrained(W, freeze=False, name="a\ud800")
+  with pytest.raises(ValueError, match=r"label 'a\\ud800.embeddings' holds a"):
+    formats.save(label, path)
+  axis = ne.EmbeddingTable.from_pretrained(
+    pz.nx.wrap(W, "v\ud800", "e"), vocabulary_axis="v\ud800"
+  )
+  with pytest.raises(ValueError, match=r"vocabulary axis 'v\\ud800' holds"):
+    formats.save(axis, path)
+  np.testing.assert_array_equal(formats.load(path).rows_array(), W)  # kept
+  vocab = ne.Vocabulary(["\x00", "\ud800", "a\nb", " "])  # JSON escapes them
+  table = ne.EmbeddingTable.from_pretrained(W).with_vocabulary(vocab)
+  formats.save(table, path)
+  assert formats.load(path).vocabulary == vocab

@@ -109,6 +109,29 @@ def table_metadata(table: Any) -> dict[str, str]:
   return metadata
 
 
+def check_writable(metadata: dict[str, str], what: str) -> None:
+  """Raises a ValueError, before anything is written, for an entry that a
+  safetensors header cannot hold: it must be UTF-8, and a string with a
+  lone surrogate (``"\\ud800"``, e.g. from a file name decoded with
+  ``surrogateescape``) has no UTF-8 form.
+
+  >>> check_writable({"label": "tok.embeddings"}, "ne.save")
+  >>> check_writable({"label": "tok\\ud800.embeddings"}, "ne.save")
+  Traceback (most recent call last):
+  ...
+  ValueError: ne.save: the table's label 'tok\\ud800.embeddings' holds a lone surrogate ('\\ud800' at 3), which has no UTF-8 form, so no safetensors file can store it. Rename it.
+  """
+  for key, value in metadata.items():
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as error:
+      raise ValueError(
+        f"{what}: the table's {key.replace('_', ' ')} {value!r} holds a lone"
+        f" surrogate ({value[error.start]!r} at {error.start}), which has no"
+        " UTF-8 form, so no safetensors file can store it. Rename it."
+      ) from None
+
+
 def holder_metadata(holder: Any, prefix: str = "") -> dict[str, str]:
   """How an array is held (`table_arrays.holder_kind`) and its label, as
   entries ``<prefix>kind`` and ``<prefix>label``.

@@ -91,6 +91,7 @@ def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
   from safetensors.numpy import save_file
 
   tensors, metadata = _tensors(table), _metadata(table)
+  file_metadata.check_writable(metadata, f"ne.save({os.fspath(path)!r})")
   arrays = {key: tensor.array for key, tensor in tensors.items()}
   if distributed_io.is_directory_path(path):  # every process its own rows
     distributed_io.save_directory(
