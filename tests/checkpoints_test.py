@@ -15,7 +15,7 @@ from penzai import pz
 from safetensors.numpy import load_file, save_file
 
 import named_embed as ne
-from named_embed._src.files import checkpoints, stored_tensors
+from named_embed._src.files import checkpoints, stored_tensors, tensor_files
 
 KEY = "model.embed_tokens.weight"
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
@@ -55,22 +55,11 @@ def test_sharded_checkpoint_reads_one_tensor_of_one_file(tmp_path, monkeypatch):
   with open(first, "wb") as f:
     f.write(b"not a safetensors file")  # reading it would fail
   opened, read = [], []
-  real_open = safetensors.safe_open
+  real_open = tensor_files.open_file
 
-  class Recording:
-    def __init__(self, path, framework, **kwargs):
-      opened.append(os.fspath(path))
-      self.file = real_open(path, framework, **kwargs)
-
-    def __enter__(self):
-      self.inner = self.file.__enter__()
-      return self
-
-    def __exit__(self, *exc):
-      return self.file.__exit__(*exc)
-
-    def __getattr__(self, name):
-      return getattr(self.inner, name)
+  def recording(path):
+    opened.append(os.fspath(path))
+    return real_open(path)
 
   read_region = stored_tensors._File.read_region
 
@@ -78,7 +67,7 @@ def test_sharded_checkpoint_reads_one_tensor_of_one_file(tmp_path, monkeypatch):
     read.append((file.path, name))
     return read_region(file, name, local, out)
 
-  monkeypatch.setattr(safetensors, "safe_open", Recording)
+  monkeypatch.setattr(tensor_files, "open_file", recording)
   monkeypatch.setattr(stored_tensors._File, "read_region", reading)
   for path in (tmp_path, index):
     table = ne.from_safetensors(path, key=KEY, vocabulary=vocabulary())

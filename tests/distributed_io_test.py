@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 import named_embed as ne
 from named_embed._src.base import processes
-from named_embed._src.files import distributed_io
+from named_embed._src.files import directory_saves, distributed_io
 from named_embed._src.files.file_metadata import Tensor
 
 INDEX = "model.safetensors.index.json"
@@ -137,17 +137,23 @@ def test_a_foreign_checkpoint_is_never_overwritten(tmp_path, table):
     ne.save(table, file)
 
 
-def test_an_interrupted_save_leaves_no_index(tmp_path, table, monkeypatch):
+def test_a_failed_save_leaves_the_previous_version(
+  tmp_path, table, monkeypatch
+):
   out = tmp_path / "out"
   ne.save(table, out)
+  before = {name: (out / name).read_bytes() for name in os.listdir(out)}
 
   def disk_full(*args):
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(distributed_io, "_save_file", disk_full)
+  monkeypatch.setattr(directory_saves, "write_tensor_file", disk_full)
   with pytest.raises(OSError, match="No space left"):
-    ne.save(table, out)
-  assert sorted(os.listdir(out)) == ["model-00001-of-00001.safetensors"]
+    ne.save(table.quantized("int8"), out)
+  after = {name: (out / name).read_bytes() for name in os.listdir(out)}
+  assert after == before  # the old index and files, nothing of the new
+  assert ne.load(out).rows_array().tobytes() == ROWS.tobytes()
+  os.remove(out / INDEX)  # as a save of an earlier version left it
   with pytest.raises(ValueError, match=r"without its index .* interrupted"):
     ne.load(out)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from named_embed._src.files import stored_tensors
+from named_embed._src.files import stored_tensors, tensor_files
 from named_embed._src.files.stored_tensors import block_name, open_tensor
 
 WHOLE = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
@@ -95,10 +95,8 @@ def test_missing_cells_are_refused(tmp_path):
 def test_a_block_of_the_wrong_shape_is_corrupt(tmp_path):
   write_blocks(tmp_path, grid([0, 4, 8], [0, 6]))
   save_file({"w[4:8,0:6]": WHOLE[:3]}, tmp_path / "part-1.safetensors")
-  stored = open_tensor(tmp_path, "w")
-  np.testing.assert_array_equal(stored.read((slice(0, 4),)), WHOLE[:4])
   with pytest.raises(ValueError, match=r"has shape \(3, 6\).*needs shape"):
-    stored.read()
+    open_tensor(tmp_path, "w")  # checked on opening, before any read
 
 
 def test_a_file_of_another_save_is_refused(tmp_path):
@@ -108,9 +106,8 @@ def test_a_file_of_another_save_is_refused(tmp_path):
     tmp_path / "part-1.safetensors",
     metadata={"named_embed_save": "b"},
   )
-  stored = open_tensor(tmp_path, "w")
   with pytest.raises(ValueError, match=r"written by another save"):
-    stored.read((slice(5, 6),))
+    open_tensor(tmp_path, "w")  # the index, read again, is the same
 
 
 def test_missing_tensors_and_files_are_named(tmp_path):
@@ -155,15 +152,15 @@ def test_regions_cut_along_the_columns_are_read_a_chunk_at_a_time(
 ):
   save_file({"w": WHOLE}, tmp_path / "one.safetensors")
   write_blocks(tmp_path, grid([0, 3, 8], [0, 6]))
-  monkeypatch.setattr(stored_tensors, "_CHUNK_BYTES", 2 * 6 * 4)  # 2 rows
+  monkeypatch.setattr(tensor_files, "CHUNK_BYTES", 2 * 6 * 4)  # 2 rows
   reads = []
-  read_into = stored_tensors._read_into
+  read_into = tensor_files.read_into
 
   def spy(f, offset, out, path):
     reads.append(out.nbytes)
     return read_into(f, offset, out, path)
 
-  monkeypatch.setattr(stored_tensors, "_read_into", spy)
+  monkeypatch.setattr(tensor_files, "read_into", spy)
   for path in (tmp_path / "one.safetensors", tmp_path):
     reads.clear()
     stored = open_tensor(path, "w")

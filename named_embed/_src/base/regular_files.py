@@ -34,10 +34,51 @@ def kind_of(mode: int) -> str:
   return "not a regular file"
 
 
+def open_fd(
+  path: str | os.PathLike[str], what: str
+) -> tuple[int, os.stat_result]:
+  """``path`` opened for reading (a descriptor, in blocking mode) and its
+  `os.fstat`, after checking the open file is a regular file.
+
+  A FIFO is opened without blocking (``O_NONBLOCK``), so one without a
+  writer is refused at once instead of hanging; the type is checked on
+  the open file, not the path, so a rename in between cannot fool it.
+
+  Raises:
+    FileNotFoundError: if nothing is at ``path``.
+    IsADirectoryError: if ``path`` is a directory.
+    OSError: if ``path`` is a FIFO, device or socket (named, with what it
+      is), or cannot be opened.
+
+  >>> open_fd("/dev/zero", "a vocab.txt")
+  Traceback (most recent call last):
+  ...
+  OSError: /dev/zero is a character device, not a regular file: cannot read it as a vocab.txt.
+  """
+  path = os.fspath(path)
+  nonblocking = getattr(os, "O_NONBLOCK", 0)
+  fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_BINARY", 0))
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      error = IsADirectoryError if stat.S_ISDIR(info.st_mode) else OSError
+      raise error(
+        f"{path} is {kind_of(info.st_mode)}, not a regular file: cannot"
+        f" read it as {what}.",
+      )
+    if nonblocking:
+      os.set_blocking(fd, True)
+    return fd, info
+  except BaseException:
+    os.close(fd)
+    raise
+
+
 def read_regular(
   path: str | os.PathLike[str], what: str, limit: int | None = None
 ) -> bytes:
-  """The bytes of the regular file ``path``.
+  """The bytes of the regular file ``path`` (see `open_fd`), exactly as
+  many as it holds.
 
   Args:
     path: The file.
@@ -46,8 +87,8 @@ def read_regular(
 
   Raises:
     FileNotFoundError: if nothing is at ``path``.
-    OSError: if ``path`` is a directory, FIFO, device or socket (named,
-      with what it is), is larger than ``limit``, or cannot be read.
+    OSError: if ``path`` is not a regular file or cannot be read.
+    ValueError: if it is larger than ``limit``.
 
   Example:
 
@@ -65,26 +106,12 @@ def read_regular(
   tmp is a directory, not a regular file: cannot read it as a text file.
   """
   path = os.fspath(path)
-  flags = (
-    os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-  )
+  fd, info = open_fd(path, what)
   try:
-    fd = os.open(path, flags)
-  except IsADirectoryError:
-    raise IsADirectoryError(
-      f"{path} is a directory, not a regular file: cannot read it as {what}."
-    ) from None
-  try:
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-      raise OSError(
-        f"{path} is {kind_of(info.st_mode)}, not a regular file: cannot read"
-        f" it as {what}."
-      )
     if limit is not None and info.st_size > limit:
-      raise OSError(
-        f"{path} holds {info.st_size} bytes, more than the {limit} bytes"
-        f" {what} may have."
+      raise ValueError(
+        f"{path} is {info.st_size:,} bytes, more than the {limit:,} bytes"
+        f" {what} may have; refusing to read it."
       )
     chunks, left = [], info.st_size
     while left > 0:
@@ -92,7 +119,7 @@ def read_regular(
       if not chunk:
         raise OSError(
           f"{path} shrank while it was read: {info.st_size - left} of"
-          f" {info.st_size} bytes. Is another program rewriting it?"
+          f" {info.st_size} bytes. Is another program rewriting it?",
         )
       chunks.append(chunk)
       left -= len(chunk)

@@ -47,7 +47,7 @@ except ImportError:  # Windows
   fcntl = None
 
 _TOKEN = r"[0-9a-f]{8}"  # secrets.token_hex(4)
-_ANY_TEMPORARY = re.compile(r"\..+\." + _TOKEN + r"\.tmp")
+_ANY_TEMPORARY = re.compile(r"\.(?P<base>.+)\." + _TOKEN + r"\.tmp")
 _LOST = -1  # `_lock`: the directory was removed before we locked it
 
 
@@ -133,17 +133,40 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
   ...   print([os.path.basename(p) for p in removed], os.listdir(tmp))
   ['.t.safetensors.0123abcd.tmp'] ['.t.safetensors.notes.tmp']
   """
+  directory, base = os.path.split(os.path.abspath(os.fspath(path)))
+  return remove_abandoned(directory, re.compile(re.escape(base)))
+
+
+def remove_abandoned(
+  directory: str | os.PathLike[str], bases: re.Pattern[str]
+) -> list[str]:
+  """Deletes the abandoned temporaries in ``directory`` of saves of every
+  name that ``bases`` matches whole (see `remove_stale_temporaries`).
+
+  For writers that give each save new names (a checkpoint directory's
+  files): a killed save's temporary is not that of the next save's name.
+
+  Returns:
+    The paths deleted.
+
+  >>> import os, re, tempfile
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   for name in ("a-1.bin", "a-2.bin", "b.bin"):
+  ...     os.mkdir(os.path.join(tmp, f".{name}.0123abcd.tmp"))
+  ...   removed = remove_abandoned(tmp, re.compile(r"a-[0-9]+[.]bin"))
+  ...   print(sorted(os.path.basename(p) for p in removed), os.listdir(tmp))
+  ['.a-1.bin.0123abcd.tmp', '.a-2.bin.0123abcd.tmp'] ['.b.bin.0123abcd.tmp']
+  """
   if fcntl is None:
     return []
-  directory, base = os.path.split(os.path.abspath(os.fspath(path)))
-  pattern = _temporary_pattern(base)
   try:
     names = os.listdir(directory)
   except OSError:
     return []
   removed = []
   for name in sorted(names):
-    if pattern.fullmatch(name):
+    match = _ANY_TEMPORARY.fullmatch(name)
+    if match and bases.fullmatch(match["base"]):
       candidate = os.path.join(directory, name)
       if _remove_if_abandoned(candidate):
         removed.append(candidate)
@@ -159,10 +182,6 @@ def is_temporary(name: str) -> bool:
   (False, False)
   """
   return _ANY_TEMPORARY.fullmatch(name) is not None
-
-
-def _temporary_pattern(base: str) -> re.Pattern[str]:
-  return re.compile(re.escape(f".{base}.") + _TOKEN + re.escape(".tmp"))
 
 
 def _create_work_directory(directory: str, base: str) -> tuple[str, int | None]:

@@ -25,14 +25,17 @@ import os
 import posixpath
 from typing import Any
 
-from named_embed._src.base import validation
+from named_embed._src.base import regular_files, validation
 from named_embed._src.base.vocabulary import Vocabulary
-from named_embed._src.files import common
+from named_embed._src.files import common, tensor_files
 from named_embed._src.files.atomic import replacing
 from named_embed._src.tables.contract import AbstractTable, check_table
 from named_embed._src.tables.table import EmbeddingTable
 
 INDEX_SUFFIX = ".safetensors.index.json"
+MAX_INDEX_BYTES = 64 << 20
+"""The largest checkpoint index read (a model of 10,000 tensors has one of
+about 1 MB)."""
 
 
 def tensor_file(path: str | os.PathLike[str], key: str) -> str:
@@ -55,7 +58,8 @@ def tensor_file(path: str | os.PathLike[str], key: str) -> str:
       message names the index and the files it lists), or names a file
       outside its directory; if no file of an index-less directory holds
       ``key`` (the message names the files looked in); if a directory holds
-      several indexes.
+      several indexes; if the index is not a regular file (a FIFO, a
+      device) or is larger than `MAX_INDEX_BYTES` (see `read_index`).
 
   Example:
 
@@ -223,15 +227,9 @@ def _in_directory(directory: str, key: str) -> str:
 
 
 def _tensor_names(path: str) -> list[str]:
-  from safetensors import SafetensorError, safe_open
-
-  try:
-    with safe_open(path, framework="numpy") as f:
-      return list(f.keys())
-  except SafetensorError as error:
-    raise ValueError(
-      f"{path} is not a valid safetensors file ({error})."
-    ) from None
+  f = tensor_files.open_file(path)  # the header only
+  f.close()
+  return f.names
 
 
 def _from_index(index: str, key: str) -> str:
@@ -268,7 +266,7 @@ def file_in_index(index: str, key: str, name: str) -> str:
       " directory; refusing to read it."
     )
   path = os.path.join(os.path.dirname(index), *parts)
-  if not os.path.isfile(path):
+  if not os.path.exists(path):  # one that is not a file: refused on opening
     raise FileNotFoundError(
       f"{index} maps tensor {key!r} to {name!r}, but {path} does not exist"
       " (an incomplete download?)."
@@ -313,9 +311,14 @@ def find_index(path: str | os.PathLike[str]) -> str | None:
 def read_index(index: str) -> tuple[dict[str, Any], dict[str, str]]:
   """The ``metadata`` and ``weight_map`` of a checkpoint index.
 
+  The index is read once, after checking that it is a regular file of at
+  most `MAX_INDEX_BYTES`.
+
   Raises:
-    ValueError: for invalid JSON or an index without a ``weight_map``
-      object ``{tensor name: file name}``.
+    ValueError: for a path that is not a regular file (a FIFO, a device),
+      an index larger than `MAX_INDEX_BYTES`, invalid JSON, or an index
+      without a ``weight_map`` object ``{tensor name: file name}``.
+    FileNotFoundError: if it is missing.
 
   >>> import json, os, tempfile
   >>> with tempfile.TemporaryDirectory() as tmp:
@@ -324,11 +327,9 @@ def read_index(index: str) -> tuple[dict[str, Any], dict[str, str]]:
   ...   read_index(index)
   ({'a': 1}, {'w': 'model-00001-of-00001.safetensors'})
   """
-  try:
-    with open(index, encoding="utf-8") as f:
-      spec = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise ValueError(f"{index} is not valid JSON: {error}") from None
+  what = "checkpoint index"
+  data = regular_files.read_regular(index, f"a {what}", MAX_INDEX_BYTES)
+  spec = tensor_files.parse_json(index, data, what)
   weight_map = spec.get("weight_map") if isinstance(spec, dict) else None
   if not isinstance(weight_map, dict) or not all(
     isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

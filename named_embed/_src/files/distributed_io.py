@@ -14,30 +14,23 @@ one array per region, which a CPU device adopts without a copy) and moves
 it to the device. Its host memory grows by its share of the table, plus
 (on GPUs and TPUs) one region in flight.
 
-**Saving to a directory** (`save_directory`): the Hugging Face sharded
-layout, ``model-0000k-of-0000n.safetensors`` files and
-``model.safetensors.index.json``. Every process derives the same
-`WriteAssignment` from the tensors' shardings: each distinct block of each
-tensor once, written by one of the processes holding it (replicas take
-turns), named after its region (``embeddings[0:32,0:16]``; a tensor held
-whole, such as a replicated adapter, keeps its plain name); one file per
-writing process. Then
-(1) process 0 removes the previous index (refusing one named_embed did not
-write) and draws a save token; (2) every process writes its file,
-atomically; (3) process 0 writes the index, atomically, and removes files
-of the previous save that it no longer lists. An interrupted save leaves
-no index. Each step, and each load with a mesh, ends with
+**Saving to a directory** (`save_directory`,
+`named_embed._src.files.directory_saves`): the Hugging Face sharded
+layout, every process writing its own blocks of each tensor; process 0
+replaces the index once every file is complete, so the directory holds
+one whole version at every moment, and saves of one directory run one
+after the other.
+
+Each step, and each load with a mesh, ends with
 `named_embed._src.base.processes.together`: an error on one process is raised on
 every process, instead of leaving them waiting in a collective.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import math
+import json
 import os
-import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,12 +41,21 @@ from jax.sharding import Mesh, NamedSharding
 from penzai import pz
 
 from named_embed._src.base import processes
-from named_embed._src.files import checkpoints, stored_tensors
-from named_embed._src.files.atomic import replacing
+from named_embed._src.files import checkpoints, directory_saves, stored_tensors
+from named_embed._src.files.directory_saves import (
+  INDEX_NAME as INDEX_NAME,
+)
+from named_embed._src.files.directory_saves import (
+  WriteAssignment as WriteAssignment,
+)
+from named_embed._src.files.directory_saves import (
+  assign_writes as assign_writes,
+)
+from named_embed._src.files.directory_saves import (
+  save_directory as save_directory,
+)
 from named_embed._src.files.file_metadata import Tensor
 from named_embed._src.tools import sharding
-
-INDEX_NAME = "model" + checkpoints.INDEX_SUFFIX
 
 Stored = Mapping[str, stored_tensors.StoredTensor]
 Build = Callable[[Stored, Mapping[str, Any]], Any]
@@ -195,7 +197,26 @@ def open_saved(path: str | os.PathLike[str], keys, check=None) -> Stored:
       f"{path} is a directory without its index ({INDEX_NAME}). ne.save"
       " writes the index last: a save there was interrupted, or never made."
     )
-  return stored_tensors.open_tensors(path, keys, check)
+
+  def checked(source: str, metadata: dict[str, Any], names: list[str]):
+    _check_strings(source, metadata)
+    if check is not None:
+      check(source, metadata, names)
+
+  return stored_tensors.open_tensors(path, keys, checked)
+
+
+def _check_strings(source: str, metadata: dict[str, Any]) -> None:
+  """An index's metadata, as `save_directory` writes it: strings, and the
+  ``total_size``. (A file's metadata holds strings only: its reader checks
+  that.)"""
+  for key, value in metadata.items():
+    if not isinstance(value, str) and key != "total_size":
+      raise ValueError(
+        f"{source}: the metadata entry {key!r} of its index is"
+        f" {json.dumps(value)[:80]}, not a string; ne.save did not write"
+        " this index (or it was edited)."
+      )
 
 
 def placed_rows(
@@ -220,7 +241,7 @@ def placed_rows(
   dtype = jax.dtypes.canonicalize_dtype(stored.dtype)
   arrays, read = [], {}
   for device, index in placement.addressable_devices_indices_map(shape).items():
-    region = _region(index, shape)
+    region = directory_saves.region_of(index, shape)
     if region not in read:  # replicas on this process are copied, not read
       block = stored.read(index)  # 64-byte aligned: a CPU device adopts it
       read[region] = jax.device_put(block, device).block_until_ready()
@@ -235,212 +256,6 @@ def placed_rows(
   return jax.make_array_from_single_device_arrays(
     shape, placement, arrays, dtype=dtype
   )
-
-
-@dataclasses.dataclass(frozen=True)
-class WriteAssignment:
-  """Who writes which block of which tensor, the same on every process.
-
-  Attributes:
-    weight_map: Block (stored tensor) name -> file name, in order.
-    tensors: Block name -> the name of the tensor it is a block of.
-    regions: Block name -> its region ``(start, stop)`` in that tensor.
-    writers: Block name -> the device whose copy is written.
-    total_size: Bytes of all blocks.
-  """
-
-  weight_map: dict[str, str]
-  tensors: dict[str, str]
-  regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
-  writers: dict[str, Any]
-  total_size: int
-
-  def files_of(self, process: int) -> dict[str, list[str]]:
-    """File name -> names of the blocks that ``process`` writes there.
-
-    >>> import jax
-    >>> assign_writes({"w": jax.numpy.ones((4, 2))}).files_of(0)
-    {'model-00001-of-00001.safetensors': ['w']}
-    """
-    files: dict[str, list[str]] = {}
-    for name, device in self.writers.items():
-      if device.process_index == process:
-        files.setdefault(self.weight_map[name], []).append(name)
-    return files
-
-
-def assign_writes(arrays: Mapping[str, jax.Array]) -> WriteAssignment:
-  """Each distinct block of each array once, spread over the processes
-  that hold it (turns continue from one array to the next); one file per
-  writing process. An array held whole (one block) keeps its own name.
-
-  >>> import jax, numpy as np
-  >>> plan = assign_writes({"embeddings": jax.numpy.ones((4, 2)),
-  ...                    "scales": jax.numpy.ones(4)})
-  >>> plan.weight_map, plan.total_size
-  ({'embeddings': 'model-00001-of-00001.safetensors', 'scales': 'model-00001-of-00001.safetensors'}, 48)
-  """
-  chosen: dict[str, Any] = {}  # block name -> device
-  tensors, regions, sizes = {}, {}, {}
-  turn = 0
-  for key, array in arrays.items():
-    shape = array.shape
-    holders: dict[Any, list[Any]] = {}
-    for device, index in array.sharding.devices_indices_map(shape).items():
-      holders.setdefault(_region(index, shape), []).append(device)
-    itemsize = np.dtype(array.dtype).itemsize
-    for region in sorted(holders):
-      name = (
-        key if len(holders) == 1 else stored_tensors.block_name(key, *region)
-      )
-      processes = sorted({d.process_index for d in holders[region]})
-      process = processes[turn % len(processes)]  # replicas take turns
-      turn += 1
-      chosen[name] = min(
-        (d for d in holders[region] if d.process_index == process),
-        key=lambda d: d.id,
-      )
-      tensors[name], regions[name] = key, region
-      sizes[name] = math.prod(b - a for a, b in zip(*region)) * itemsize
-  writers = sorted({d.process_index for d in chosen.values()})
-  files = {
-    p: f"model-{k + 1:05d}-of-{len(writers):05d}.safetensors"
-    for k, p in enumerate(writers)
-  }
-  return WriteAssignment(
-    weight_map={n: files[d.process_index] for n, d in chosen.items()},
-    tensors=tensors,
-    regions=regions,
-    writers=chosen,
-    total_size=sum(sizes.values()),
-  )
-
-
-def save_directory(
-  arrays: Mapping[str, Any],
-  directory: str | os.PathLike[str],
-  metadata: dict[str, str],
-  *,
-  what: str,
-) -> None:
-  """Writes ``arrays`` (tensor name -> array) as the tensors of a
-  checkpoint directory, every process its own blocks, then the index with
-  ``metadata`` (see the module docstring).
-
-  Raises:
-    ValueError: if the directory holds an index named_embed did not write.
-    FileExistsError: if ``directory`` is a file.
-    OSError: if writing fails; on every process if on one.
-    TimeoutError: if a process does not reach a step in time.
-
-  >>> import os, tempfile, jax
-  >>> with tempfile.TemporaryDirectory() as tmp:
-  ...   out = os.path.join(tmp, "out")
-  ...   save_directory({"w": jax.numpy.ones((4, 2))}, out, {}, what="demo")
-  ...   sorted(os.listdir(out))
-  ['model-00001-of-00001.safetensors', 'model.safetensors.index.json']
-  """
-  directory = os.fspath(directory)
-  arrays = {
-    key: array if isinstance(array, jax.Array) else jnp.asarray(array)
-    for key, array in arrays.items()
-  }
-  plan = assign_writes(arrays)
-  first = processes.index() == 0
-  stale: set[str] = set()
-  error = None
-  try:  # 1. the directory, emptied of the previous index
-    stale = _prepare(directory, first)
-  except Exception as failure:
-    error = failure
-  token = secrets.token_hex(8)  # process 0's is every process's
-  token = processes.share(f"{what}: preparing {directory}", token, error)[0]
-  with processes.together(f"{what}: writing this process's rows"):
-    _write_own(arrays, directory, plan, token)  # 2. each process its file
-  with processes.together(f"{what}: writing the index"):
-    if first:  # 3. the index, once every file is complete
-      index_metadata = {
-        "total_size": plan.total_size,
-        **metadata,
-        stored_tensors.SAVE_KEY: token,
-      }
-      index = os.path.join(directory, INDEX_NAME)
-      checkpoints.write_index(index, plan.weight_map, index_metadata)
-      for name in stale - set(plan.weight_map.values()):
-        _remove(os.path.join(directory, name))
-
-
-def _prepare(directory: str, first: bool) -> set[str]:
-  """Creates ``directory``; on process 0, removes the previous index and
-  returns the files it listed."""
-  if os.path.isfile(directory):
-    raise FileExistsError(
-      f"{directory} is a file. A path without a suffix names a checkpoint"
-      " directory; add a suffix (e.g. '.safetensors') to write one file."
-    )
-  os.makedirs(directory, exist_ok=True)
-  return _claim(directory) if first else set()
-
-
-def _write_own(
-  arrays, directory: str, plan: WriteAssignment, token: str
-) -> None:
-  """Writes this process's blocks, one file, atomically."""
-  shards = {
-    (key, shard.device): shard
-    for key, array in arrays.items()
-    for shard in array.addressable_shards
-  }
-  metadata = {"format": "pt", stored_tensors.SAVE_KEY: token}
-  for file, names in plan.files_of(processes.index()).items():
-    tensors = {
-      n: _host(shards[plan.tensors[n], plan.writers[n]].data) for n in names
-    }
-    with replacing(os.path.join(directory, file)) as temp:
-      _save_file(tensors, temp, metadata)
-    del tensors
-
-
-def _claim(directory: str) -> set[str]:
-  """Removes the previous named_embed index; returns the files it listed.
-
-  Refuses a directory with an index named_embed did not write."""
-  names = os.listdir(directory)
-  foreign = [
-    n for n in names if n.endswith(checkpoints.INDEX_SUFFIX) and n != INDEX_NAME
-  ]
-  index = os.path.join(directory, INDEX_NAME)
-  if not foreign and os.path.exists(index):
-    metadata, weight_map = checkpoints.read_index(index)
-    if "named_embed" in metadata:
-      os.remove(index)
-      return set(weight_map.values())
-    foreign = [INDEX_NAME]
-  if foreign:
-    raise ValueError(
-      f"{directory} holds a checkpoint index {foreign[0]!r} that named_embed"
-      " did not write (a model checkpoint?); refusing to overwrite it. Save"
-      " the table to a new directory."
-    )
-  return set()
-
-
-def _host(data: jax.Array) -> np.ndarray:
-  # C order: safetensors writes the raw buffer of what it is given.
-  return np.ascontiguousarray(np.asarray(data))
-
-
-def _save_file(tensors: dict[str, np.ndarray], path: str, metadata) -> None:
-  from safetensors.numpy import save_file
-
-  save_file(tensors, path, metadata=metadata)
-
-
-def _remove(path: str) -> None:
-  try:
-    os.remove(path)
-  except FileNotFoundError:
-    pass
 
 
 def _on_device(array: np.ndarray) -> Any:
@@ -485,10 +300,3 @@ def _placements(
       ) from None
     placements[key] = NamedSharding(mesh, spec)
   return placements
-
-
-def _region(index: tuple[slice, ...], shape) -> tuple[tuple[int, ...], ...]:
-  """``(start, stop)`` of a device's index into an array of ``shape``."""
-  bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
-  bounds += [(0, n) for n in shape[len(bounds) :]]
-  return tuple(a for a, _ in bounds), tuple(b for _, b in bounds)

@@ -278,6 +278,8 @@ def _parse_vocabulary(spec: Any, bad, want: int | None) -> Vocabulary | None:
   unknown = sorted(set(roles) - set(SPECIAL_ROLES))
   if unknown:
     raise bad("vocabulary", f"has unknown roles {unknown}")
+  if not all(isinstance(token, str) for token in roles.values()):
+    raise bad("vocabulary", "has roles that are not token strings")
   try:
     return Vocabulary(tokens, **roles)
   except ValueError as error:

@@ -27,6 +27,7 @@ import numpy as np
 from named_embed._src.files import (
   checkpoints,
   common,
+  directory_saves,
   distributed_io,
   file_metadata,
   kind_layouts,
@@ -88,8 +89,6 @@ def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
   >>> loaded.padding_index, loaded.vocabulary.tokens, loaded.embedding_axes
   (0, ('<pad>', 'a', 'b'), {'embedding': 2})
   """
-  from safetensors.numpy import save_file
-
   tensors, metadata = _tensors(table), _metadata(table)
   file_metadata.check_writable(metadata, f"ne.save({os.fspath(path)!r})")
   arrays = {key: tensor.array for key, tensor in tensors.items()}
@@ -102,7 +101,7 @@ def save(table: EmbeddingTable, path: str | os.PathLike[str]) -> None:
   # C order: safetensors writes the raw buffer of what it is given
   host = {key: np.ascontiguousarray(array) for key, array in arrays.items()}
   with replacing(path) as temp:
-    save_file(host, temp, metadata=metadata)
+    directory_saves.write_tensor_file(host, temp, metadata)
 
 
 def load(

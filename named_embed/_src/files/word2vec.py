@@ -9,17 +9,17 @@ Three layouts, all with one token per row:
   space, ``D`` little-endian float32 values, and usually a newline.
 
 Tokens are everything before the first space of a line, so they cannot
-contain spaces (or newlines); other characters, including non-ASCII
-whitespace, are kept as they are.
+contain spaces (or newlines), nor, here, control characters; other
+characters, including non-ASCII whitespace, are kept as they are. Reading
+is strict, and linear in the file's size whatever its header claims: see
+`named_embed._src.files.word2vec_readers` and
+`named_embed._src.files.word2vec_checks`.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import dataclasses
 import os
-import re
 import sys
 from collections.abc import Iterator
 from typing import BinaryIO, TextIO
@@ -30,29 +30,19 @@ import numpy as np
 from named_embed._src.base import validation
 from named_embed._src.base.vocabulary import Vocabulary
 from named_embed._src.files import common
+from named_embed._src.files import word2vec_checks as checks
 from named_embed._src.files import word2vec_readers as readers
 from named_embed._src.files.atomic import replacing
 from named_embed._src.tables.contract import AbstractTable, check_table
 from named_embed._src.tables.table import EmbeddingTable
 from named_embed._src.tools.row_scan import host_row_chunks
 
-_BOM = codecs.BOM_UTF8
-_HEADER = re.compile(rb"[ \t]*(\d+)[ \t]+(\d+)[ \t]*\r?\n?")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ROWS_PER_CHUNK_VALUES = 1 << 18
 
 LARGE_FILE_BYTES = 50 * 1024 * 1024
 """Reading files larger than this shows progress when ``progress=None``."""
 LOG_LINE_SECONDS = 10.0
 """Progress written to a log or pipe: a line at most this often."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  header: tuple[int, int] | None
-  binary: bool
-  guessed: bool  # True if `binary` was auto-detected
-  body: int  # offset of the first vector
 
 
 def load_word2vec(
@@ -100,10 +90,16 @@ def load_word2vec(
 
   Raises:
     FileNotFoundError: if ``path`` does not exist.
-    ValueError: for a malformed file, naming the line (text) or record and
-      byte (binary) and what was wrong: wrong number of values, a value
-      that is not a number, a count that differs from the header, a
-      duplicate token, a token that is not UTF-8, a truncated file.
+    OSError: if ``path`` is not a regular file (a directory, a FIFO, a
+      device) or cannot be read; the message names it.
+    ValueError: for a malformed file, naming the file, the line (text) or
+      record and byte (binary) and what was wrong: wrong number of values,
+      a value that is not a C decimal number, a count that differs from
+      the header, a duplicate token, a token that is empty, not UTF-8 or
+      holds a control character, a file cut short (a text file whose last
+      line has no newline, a binary file cut inside a record), binary
+      records out of step (the newline after each vector, as after the
+      first, missing or misplaced), or bytes after the last record.
 
   Example:
 
@@ -121,15 +117,19 @@ def load_word2vec(
   dtype = validation.check_float_dtype("dtype", dtype)
   if limit is not None:
     limit = validation.check_positive_int("limit", limit)
-  size = os.path.getsize(path)
+  f, size = checks.open_regular(path)
   layout = None
   try:
-    with _progress(path, size, progress) as report, open(path, "rb") as f:
-      layout = _layout(f, size, binary, no_header)
-      tokens, rows = _read_body(f, layout, limit, dtype, report)
+    with f, _progress(path, size, progress) as report:
+      layout = checks.layout(f, size, binary, no_header)
+      tokens, rows = _read_body(f, layout, size, limit, dtype, report)
       report(size)
   except ValueError as error:
-    raise ValueError(f"{path}: {error}{_guess_note(layout)}") from None
+    raise ValueError(f"{path}: {error}{checks.guess_note(layout)}") from None
+  except OSError as error:  # a failed read: name the file
+    if error.filename is None:
+      error.filename = path
+    raise
   return common.build_table(
     rows,
     source=path,
@@ -141,63 +141,10 @@ def load_word2vec(
   )
 
 
-def _guess_note(layout: _Layout | None) -> str:
-  """Says, in an error message, that the binary layout was a guess.
-
-  (A text file mistaken for binary gives baffling record errors; the
-  reverse needs float32 bytes free of control characters, which is rare.)
-  """
-  if layout is None or not (layout.guessed and layout.binary):
-    return ""
-  return (
-    " (The file was detected as word2vec binary; pass binary=False if it"
-    " is text.)"
-  )
-
-
-def _layout(
-  f: BinaryIO, size: int, binary: bool | None, no_header: bool | None
-) -> _Layout:
-  if size == 0:
-    raise ValueError("the file is empty.")
-  start = len(_BOM) if f.read(len(_BOM)) == _BOM else 0
-  f.seek(start)
-  first = f.readline(256)
-  match = _HEADER.fullmatch(first)
-  header = (int(match[1]), int(match[2])) if match else None
-  if no_header:
-    header = None
-  elif header is None and (no_header is False or binary):
-    kind = "binary" if binary else "text"
-    raise ValueError(
-      f"line 1: expected the word2vec {kind} header 'count dimension', got"
-      f" {first[:60]!r}" + ("" if binary else "; pass no_header=True for GloVe")
-    )
-  if header is None:
-    f.seek(start)
-    return _Layout(None, False, False, start)
-  if 0 in header:
-    raise ValueError(f"line 1: the header {first.strip()!r} announces no data.")
-  body = f.tell()
-  guessed = binary is None
-  if guessed:
-    binary = _looks_binary(f.read(4096))
-    f.seek(body)
-  return _Layout(header, binary, guessed, body)
-
-
-def _looks_binary(sample: bytes) -> bool:
-  """Text is UTF-8 without control characters; float32 bytes rarely are."""
-  try:
-    text = codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
-  except UnicodeDecodeError:
-    return True
-  return _CONTROL.search(text) is not None
-
-
 def _read_body(
   f: BinaryIO,
-  layout: _Layout,
+  layout: checks.Layout,
+  size: int,
   limit: int | None,
   dtype: np.dtype,
   report: readers.Progress,
@@ -206,7 +153,7 @@ def _read_body(
   if layout.binary:
     stream = readers.ByteStream(f, layout.body, report)
     return readers.read_binary(
-      stream, header=layout.header, limit=limit, dtype=dtype
+      stream, header=layout.header, limit=limit, dtype=dtype, size=size
     )
   return readers.read_text(
     f,
@@ -215,6 +162,7 @@ def _read_body(
     limit=limit,
     dtype=dtype,
     offset=layout.body,
+    size=size,
     progress=report,
   )
 
@@ -346,7 +294,10 @@ def save_word2vec(
     TypeError: if ``table`` is not a named_embed table.
     ValueError: for a table without a vocabulary, with several embedding
       axes, a float64 table in binary, ``binary`` without ``header``, or a
-      token that is empty or contains a space, ``\\n`` or ``\\r``.
+      token that would not read back as it is: empty, or holding a space,
+      a control character (``\\n``, ``\\t``, ``\\x00``, ``\\x85``, ...),
+      U+2028, U+2029 or a lone surrogate; nothing is written then. What is
+      written reads back equal (see docs/formats.md).
 
   Example:
 
@@ -377,7 +328,7 @@ def save_word2vec(
     )
   common.check_one_axis(table, "A word2vec file")
   tokens = table.vocabulary.tokens
-  _check_tokens(tokens)
+  checks.check_saved_tokens(tokens, header)
   dtype = np.dtype(table.dtype)
   if binary and dtype.itemsize > 4:
     raise ValueError(
@@ -391,16 +342,6 @@ def save_word2vec(
       f.write(f"{table.vocab_size} {dimension}\n".encode())
     for start, rows in host_row_chunks(table):
       write(f, tokens[start : start + rows.shape[0]], rows)
-
-
-def _check_tokens(tokens: tuple[str, ...]) -> None:
-  for row, token in enumerate(tokens):
-    if not token or any(c in token for c in " \n\r"):
-      raise ValueError(
-        f"save_word2vec: the token of row {row}, {token!r}, is empty or"
-        " contains a space or line break, which word2vec files use as"
-        " separators. Rename it in the vocabulary first."
-      )
 
 
 def _chunks(rows: np.ndarray):
