@@ -289,3 +289,17 @@ def test_an_empty_table_is_refused_at_construction(shape):
   named = pz.nx.wrap(np.zeros(shape, np.float32), "vocabulary", "embedding")
   with pytest.raises(ValueError, match=r"axis '(vocabulary|embedding)'"):
     ne.EmbeddingTable(named)
+
+
+def test_shard_keeps_a_frozen_table_used_twice_one_object():
+  table = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32))
+  model = pz.nn.Sequential(
+    [ne.EmbeddingLookup(table), ne.EmbeddingDecode(table)]
+  )
+  mesh = jax.make_mesh((1,), ("model",))
+  placed = ne.shard(model, mesh, {"vocabulary": "model"})
+  first, second = placed.sublayers
+  assert first.table is second.table
+  assert first.table.rows_array().sharding.spec == jax.sharding.PartitionSpec(
+    "model", None
+  )

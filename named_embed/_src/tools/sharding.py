@@ -252,7 +252,8 @@ def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   the sharding of their rows (`EmbeddingTable.rows_sharding`; an adapted
   table records it on its base). `pz.Parameter` values are
   updated in place (they are penzai's mutable variables), which keeps tied
-  parameters tied; everything else is returned new.
+  parameters tied; everything else is returned new, a node held twice (a
+  frozen table shared by two layers) as one new node, so it stays tied.
 
   Args:
     tree: Any pytree holding NamedArrays, tables or penzai variables.
@@ -286,10 +287,20 @@ def shard(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   _check_rules(mesh, rules)
   check_rule_names(rules, axis_names(tree), "ne.shard")
 
+  placed: dict[int, tuple[Any, Any]] = {}  # id -> (node, placed node)
+
   def visit(node):
+    # A node held twice (a frozen table used by a lookup and a decode) is
+    # placed once and stays one object: ties survive, memory is not doubled.
+    seen = placed.get(id(node))
+    if seen is not None and seen[0] is node:
+      return seen[1]
     if isinstance(node, _TABLES):
-      return _shard_table(node, mesh, rules)
-    return _shard_leaf(node, mesh, rules)
+      result = _shard_table(node, mesh, rules)
+    else:
+      result = _shard_leaf(node, mesh, rules)
+    placed[id(node)] = (node, result)
+    return result
 
   def is_leaf(node):
     return isinstance(node, _TABLES | _NAMED_LEAVES)
