@@ -65,9 +65,11 @@ class QuantizedTable(pz.Struct, AbstractTable):
     embedding_shape: The embedding axes and their sizes, as
       ``((name, size), ...)``.
     dtype: The float dtype rows read back in (the original table's).
-    vocabulary_axis, padding_index, vocabulary, true_vocab_size,
-    rows_sharding: As for `EmbeddingTable` (``rows_sharding`` is the
-      sharding of ``codes``).
+    vocabulary_axis: As for `EmbeddingTable`.
+    padding_index: As for `EmbeddingTable`.
+    vocabulary: As for `EmbeddingTable`.
+    true_vocab_size: As for `EmbeddingTable`.
+    rows_sharding: As for `EmbeddingTable`: the sharding of ``codes``.
   """
 
   codes: pz.nx.NamedArray
