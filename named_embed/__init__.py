@@ -30,6 +30,7 @@ from named_embed._src.tools.inspection import analogy as analogy
 from named_embed._src.tools.inspection import nearest as nearest
 from named_embed._src.tools.inspection import similarity as similarity
 from named_embed._src.tools.model_tables import replace_table as replace_table
+from named_embed._src.tools.neighbors import Neighbors as Neighbors
 from named_embed._src.tools.rendering import (
   row_norm_statistics as row_norm_statistics,
 )
@@ -37,6 +38,7 @@ from named_embed._src.tools.rendering import show as show
 from named_embed._src.tools.rendering import summarize as summarize
 from named_embed._src.tools.sharding import shard as shard
 from named_embed._src.tools.sharding import sharded_init as sharded_init
+from named_embed._src.tools.similar import most_similar as most_similar
 from named_embed.formats import from_brainstate as from_brainstate
 from named_embed.formats import from_flax as from_flax
 from named_embed.formats import from_safetensors as from_safetensors
@@ -59,6 +61,7 @@ __all__ = [
   "EmbeddingLookup",
   "EmbeddingTable",
   "LoraTable",
+  "Neighbors",
   "QuantizedTable",
   "TrainableRowsTable",
   "Vocabulary",
@@ -73,6 +76,7 @@ __all__ = [
   "load",
   "load_word2vec",
   "lookup",
+  "most_similar",
   "nearest",
   "pooled_lookup",
   "replace_table",

@@ -513,3 +513,124 @@ def test_show_draws_the_rows_as_read_of_every_kind(kind, tmp_path):
   np.testing.assert_array_equal(
     unwrap(drawn, "vocabulary", "embedding"), np.asarray(ref.rows_array())
   )
+
+
+# ------------------------------------------- readable results and views
+
+
+def test_nearest_returns_neighbors_that_unpack_and_name_their_tokens(run):
+  from named_embed._src.tools import neighbors
+
+  table = make_table(padding_index=0)
+  found = run(lambda t: t.nearest(["w3", "w5"], k=3), table)
+  assert isinstance(found, neighbors.Neighbors) and isinstance(found, tuple)
+  ids, scores = found  # unpacks exactly as the (ids, scores) it was
+  assert found.ids is ids and found.scores is scores and len(found) == 2
+  assert found.vocabulary is table.vocabulary and found.metric == "cosine"
+  want_ids = unwrap(ids, "query", "neighbor")
+  want_scores = unwrap(scores, "query", "neighbor")
+  pairs = found.pairs()
+  assert [[t for t, _ in row] for row in pairs] == [
+    [WORDS[i] for i in row] for row in want_ids
+  ]
+  np.testing.assert_array_equal([[s for _, s in r] for r in pairs], want_scores)
+  lines = [
+    f"  {w!r}: [" + ", ".join(f"({WORDS[i]!r}, {s:.4g})" for i, s in zip(r, c))
+    for w, r, c in zip(["w3", "w5"], want_ids, want_scores)
+  ]
+  text = repr(found)
+  assert text.startswith("Neighbors({\n") and text.endswith(
+    "}, metric='cosine')"
+  )
+  for line in lines:
+    assert line + "]," in text.splitlines()
+  single = table.nearest(2, k=2, metric="euclidean")
+  i, s = unwrap(single.ids, "neighbor"), unwrap(single.scores, "neighbor")
+  assert repr(single) == (
+    f"Neighbors([({WORDS[i[0]]!r}, {s[0]:.4g}), ({WORDS[i[1]]!r},"
+    f" {s[1]:.4g})], metric='euclidean')"
+  )
+
+
+def test_neighbors_render_as_token_lists_in_treescope_not_heatmaps():
+  table = make_table()
+  found = table.analogy(["w1", "w7"], ["w3"], k=2)
+  ids, scores = (unwrap(a, "neighbor") for a in found)
+  text = treescope.render_to_text(found)
+  assert text.splitlines() == [
+    "Neighbors(  # cosine similarity, best first",
+    f"  [({WORDS[ids[0]]!r}, {scores[0]:.4g}), ({WORDS[ids[1]]!r},"
+    f" {scores[1]:.4g})],",
+    ")",
+  ]
+  with treescope.active_autovisualizer.set_scoped(
+    treescope.ArrayAutovisualizer()
+  ):
+    page = treescope.render_to_html({"found": found}, compressed=False)
+    arrays = treescope.render_to_html(tuple(found), compressed=False)
+  assert "arrayviz" not in page and f"&#x27;{WORDS[ids[0]]}&#x27;" in page
+  assert "arrayviz" in arrays  # what a plain (ids, scores) tuple draws
+  batched = pz.nx.wrap(np.array([[1, 2]])).tag("a", "b")
+  lines = treescope.render_to_text(table.nearest(batched, k=1)).splitlines()
+  assert lines[1].startswith("  a=0, b=0: [(") and len(lines) == 4
+
+
+def test_neighbors_of_a_table_without_vocabulary_and_under_jit(monkeypatch):
+  from named_embed._src.tools import neighbors
+
+  table = make_table(vocabulary=False)
+  found = jax.jit(lambda t: t.nearest(0, k=3, metric="dot"))(table)
+  assert isinstance(found, neighbors.Neighbors) and found.metric == "dot"
+  ids = unwrap(found.ids, "neighbor").tolist()
+  assert [i for i, _ in found.pairs()] == ids
+  assert all(type(i) is int for i, _ in found.pairs())
+  seen = []
+
+  @jax.jit
+  def inside(t):
+    result = t.nearest(0, k=3)
+    seen.append(repr(result))
+    with pytest.raises(ValueError, match="inside jax.jit"):
+      result.pairs()
+    return result
+
+  inside(table)
+  assert seen[0].startswith("Neighbors(ids=<NamedArray int32")
+  many = table.nearest(list(range(20)), k=20)
+  text = repr(many)
+  assert "... (1 more)" not in text and "... (0 more queries)" not in text
+  monkeypatch.setattr(neighbors, "MAX_LINES", 3)
+  monkeypatch.setattr(neighbors, "MAX_PAIRS", 2)
+  text = repr(many).splitlines()
+  assert (
+    text[1]
+    == "  0: ["
+    + ", ".join(
+      f"({i}, {s:.4g})"
+      for i, s in zip(
+        unwrap(many.ids, "query", "neighbor")[0, :2],
+        unwrap(many.scores, "query", "neighbor")[0, :2],
+      )
+    )
+    + ", ... (18 more)],"
+  )
+  assert text[-2] == "  ... (17 more queries),"
+
+
+@pytest.mark.parametrize("kind", ["float", *KIND_NAMES])
+def test_the_inline_view_draws_vocabulary_arrays_a_row_a_token(kind):
+  from named_embed._src.tools import rendering
+
+  table = make_table(padding_index=0).padded_to_multiple(8)
+  table = table if kind == "float" else kinds_of(table)[kind][0]
+  labels = rendering.axis_labels(table)
+  assert labels[:2] == ["w0 (padding)", "w1"] and len(labels) == 24
+  assert labels[20:] == [f"alignment row {i}" for i in range(20, 24)]
+  plain = treescope.render_to_html(table, compressed=False)
+  with treescope.active_autovisualizer.set_scoped(
+    treescope.ArrayAutovisualizer()
+  ):
+    drawn = treescope.render_to_html(table, compressed=False)
+  assert '"w0 (padding)", "w1"' not in plain  # nothing drawn, no labels
+  assert drawn.count('"alignment row 23"') >= 1
+  assert '"w0 (padding)", "w1", "w2"' in drawn

@@ -11,7 +11,8 @@
 - `load_word2vec` / `save_word2vec`: word2vec text and binary, GloVe;
 - `from_flax` / `to_flax`, `from_torch` / `from_torch_weight` /
   `to_torch_weight`, `from_brainstate` / `to_brainstate_weight`: other
-  libraries' embedding layers, recognised without importing them.
+  libraries' embedding layers, recognised without importing them;
+- `from_penzai` / `to_penzai`: penzai's own ``pz.nn.EmbeddingTable``.
 
 See ``docs/formats.md`` for what each format keeps and refuses.
 """
@@ -19,6 +20,7 @@ See ``docs/formats.md`` for what each format keeps and refuses.
 from named_embed._src.files.checkpoints import to_safetensors as to_safetensors
 from named_embed._src.files.converters import from_brainstate as from_brainstate
 from named_embed._src.files.converters import from_flax as from_flax
+from named_embed._src.files.converters import from_penzai as from_penzai
 from named_embed._src.files.converters import from_torch as from_torch
 from named_embed._src.files.converters import (
   from_torch_weight as from_torch_weight,
@@ -27,6 +29,7 @@ from named_embed._src.files.converters import (
   to_brainstate_weight as to_brainstate_weight,
 )
 from named_embed._src.files.converters import to_flax as to_flax
+from named_embed._src.files.converters import to_penzai as to_penzai
 from named_embed._src.files.converters import to_torch_weight as to_torch_weight
 from named_embed._src.files.safetensors_io import (
   from_safetensors as from_safetensors,
@@ -39,6 +42,7 @@ from named_embed._src.files.word2vec import save_word2vec as save_word2vec
 __all__ = [
   "from_brainstate",
   "from_flax",
+  "from_penzai",
   "from_safetensors",
   "from_torch",
   "from_torch_weight",
@@ -48,6 +52,7 @@ __all__ = [
   "save_word2vec",
   "to_brainstate_weight",
   "to_flax",
+  "to_penzai",
   "to_safetensors",
   "to_torch_weight",
 ]

@@ -9,7 +9,9 @@ depend on them.
 - torch ``nn.Embedding``: the module, or its ``weight`` (a tensor or a
   numpy array) and its ``padding_idx``;
 - brainstate ``Embedding``: the module, whose ``weight`` is a ``ParamState``
-  (``weight.value``), with ``padding_idx`` and ``embedding_size``.
+  (``weight.value``), with ``padding_idx`` and ``embedding_size``;
+- penzai's own ``pz.nn.EmbeddingTable`` (penzai is a dependency: it is
+  recognised by its class), whose holder is kept as it is.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from penzai import pz
 
 from named_embed._src.files import common
+from named_embed._src.rows import table_arrays
 from named_embed._src.tables.contract import AbstractTable, check_table
 from named_embed._src.tables.table import EmbeddingTable
 
@@ -364,3 +368,133 @@ def to_brainstate_weight(table: AbstractTable) -> jax.Array:
   """
   check_table(table, "ne.to_brainstate_weight")
   return jnp.asarray(common.float_rows(table))
+
+
+# ------------------------------------------------------------------- penzai
+
+
+def from_penzai(
+  pz_table: pz.nn.EmbeddingTable,
+  *,
+  vocabulary: common.VocabularyLike = None,
+  padding_index: int | None = None,
+) -> EmbeddingTable:
+  """Our table from penzai's own ``pz.nn.EmbeddingTable``, holding what it
+  holds: `EmbeddingTable.from_penzai`.
+
+  The holder is kept as it is, not copied: a `pz.Parameter` stays that
+  parameter (same object, label and value: every layer sharing it, as a
+  tied model's lookup and decode do, still shares it), a
+  `pz.ParameterValue` stays one, a plain `NamedArray` stays frozen, and an
+  unbound `pz.ParameterSlot` stays unbound. The vocabulary axis name and
+  the embedding axes (names, sizes and storage order) are kept.
+
+  Args:
+    pz_table: A ``penzai.pz.nn.EmbeddingTable`` (e.g. the table of a
+      penzai transformer's ``pz.nn.EmbeddingLookup``).
+    vocabulary: A `Vocabulary`, a path to ``vocab.txt`` /
+      ``tokenizer.json``, or None (penzai's table has none).
+    padding_index: The pad token's row, or None (penzai has none).
+
+  Raises:
+    TypeError: for anything but a ``pz.nn.EmbeddingTable`` (a penzai
+      lookup or decode layer: pass its ``.table``), or a table whose
+      embeddings are not a parameter, a parameter value, a slot or a
+      `NamedArray`.
+    ValueError: for a vocabulary or padding row that does not fit.
+
+  Example:
+
+  >>> import jax
+  >>> from penzai import pz
+  >>> from named_embed._src.files import converters
+  >>> pz_table = pz.nn.EmbeddingTable.from_config(
+  ...     name="embed", init_base_rng=jax.random.key(0), vocab_size=5,
+  ...     embedding_axes={"embedding": 3})
+  >>> table = converters.from_penzai(pz_table)
+  >>> table.embeddings is pz_table.embeddings, table.embeddings.label
+  (True, 'embed.embeddings')
+  """
+  if not isinstance(pz_table, pz.nn.EmbeddingTable):
+    table = getattr(pz_table, "table", None)
+    hint = (
+      f" This is a {type(pz_table).__name__} layer: pass its table,"
+      " `from_penzai(layer.table)`."
+      if isinstance(table, pz.nn.EmbeddingTable)
+      else ""
+    )
+    raise TypeError(
+      "from_penzai expects penzai's pz.nn.EmbeddingTable; got"
+      f" {type(pz_table).__module__}.{type(pz_table).__qualname__}.{hint}"
+    )
+  embeddings = pz_table.embeddings
+  if not isinstance(
+    embeddings,
+    (pz.Parameter, pz.ParameterValue, pz.ParameterSlot, pz.nx.NamedArrayBase),
+  ):
+    raise TypeError(
+      "from_penzai: the table's embeddings must be a pz.Parameter, a"
+      " pz.ParameterValue, a pz.ParameterSlot or a NamedArray; got"
+      f" {type(embeddings).__name__}."
+    )
+  vocabulary = common.as_vocabulary(vocabulary)
+  bound = table_arrays.value_or_none(embeddings) is not None
+  try:
+    table = EmbeddingTable(
+      embeddings,
+      pz_table.vocabulary_axis,
+      padding_index,
+      vocabulary=None if bound else vocabulary,
+    )
+    if bound and vocabulary is not None:
+      table = table.with_vocabulary(vocabulary)
+  except (ValueError, TypeError) as error:
+    raise type(error)(f"from_penzai: {error}") from None
+  return table
+
+
+def to_penzai(table: AbstractTable) -> pz.nn.EmbeddingTable:
+  """Penzai's own ``pz.nn.EmbeddingTable`` holding this table's array:
+  `EmbeddingTable.to_penzai`.
+
+  For a plain float `EmbeddingTable`: its holder goes across as it is (the
+  same `pz.Parameter` object, `pz.ParameterValue`, frozen `NamedArray` or
+  slot), with the vocabulary axis name. Penzai's table has no pad token
+  row, vocabulary or recorded sharding: ``padding_index``, ``vocabulary``
+  and ``rows_sharding`` are not carried (the arrays keep their placement).
+
+  Raises:
+    TypeError: for another kind of table (a quantised table: convert
+      ``table.dequantized()``; an adapted one: ``table.merged()``), or for
+      anything that is not a table.
+    ValueError: for a table with alignment rows (penzai's table cannot
+      mark rows that are not tokens).
+
+  Example:
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed._src.files import converters
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32))
+  >>> pz_table = converters.to_penzai(table)
+  >>> type(pz_table).__name__, pz_table.embeddings is table.embeddings
+  ('EmbeddingTable', True)
+  """
+  check_table(table, "ne.to_penzai")
+  if not isinstance(table, EmbeddingTable):
+    raise TypeError(
+      f"to_penzai: penzai's pz.nn.EmbeddingTable holds one float array; a"
+      f" {type(table).__name__} holds more. Convert its float table: a"
+      " quantised table's `dequantized()`, an adapted table's `merged()`."
+    )
+  if table.true_vocab_size is not None:
+    extra = table.num_rows - table.true_vocab_size
+    raise ValueError(
+      f"to_penzai: the table has {extra} alignment rows after its"
+      f" {table.true_vocab_size} tokens (num_rows {table.num_rows}), which"
+      " penzai's EmbeddingTable cannot mark as not tokens. Convert a table"
+      " without them, e.g. `ne.EmbeddingTable.from_pretrained("
+      "table.token_rows(), freeze=...)`."
+    )
+  return pz.nn.EmbeddingTable(
+    embeddings=table.embeddings, vocabulary_axis=table.vocabulary_axis
+  )

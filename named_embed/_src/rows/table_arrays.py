@@ -177,7 +177,26 @@ def as_table_array(
   vocabulary_axis: str,
   embedding_axes: tuple[str, ...] | list[str] | str | None,
 ) -> pz.nx.NamedArray:
-  """Turns ``from_pretrained``'s input into a validated NamedArray."""
+  """Turns ``from_pretrained``'s input into a validated NamedArray.
+
+  A flax nnx variable (`nnx.Param`, ...; recognised by its class, flax is
+  not imported) is refused with a `TypeError`: a table made from it on
+  every call is frozen by default, and its gradients are then silently
+  zero.
+  """
+  for kind in type(embeddings).__mro__:
+    if kind.__name__ == "Variable" and kind.__module__.startswith("flax."):
+      raise TypeError(
+        "EmbeddingTable.from_pretrained: `embeddings` is a flax"
+        f" nnx.{type(embeddings).__name__} (an nnx variable). A table made"
+        " from it on every call would never train it: the table is frozen"
+        " by default (freeze=True), so its gradients are silently zero."
+        " Hold the table in an nnx module instead, built once:"
+        " `ne_nnx.Embedding(ne.EmbeddingTable.from_pretrained(array,"
+        " freeze=False))` (from named_embed import nnx as ne_nnx), and"
+        " call it (`emb(tokens)`, `emb.attend(hidden)`). To wrap the"
+        " variable's current value on purpose, pass `variable[...]`."
+      )
   if isinstance(embedding_axes, str):
     embedding_axes = (embedding_axes,)
   if isinstance(embeddings, pz.nx.NamedArrayBase):

@@ -106,6 +106,31 @@ class AbstractTable:
     there). The default replaces a ``rows_sharding`` field."""
     return dataclasses.replace(self, rows_sharding=rows_sharding)
 
+  def most_similar(
+    self,
+    positive: Any = None,
+    negative: Any = None,
+    topn: int | None = 10,
+    restrict_vocab: int | None = None,
+  ) -> Any:
+    """gensim's ``KeyedVectors.most_similar``: ``[(token, score), ...]``,
+    best first, for the mean of the unit ``positive`` keys minus the
+    ``negative`` ones (`named_embed._src.tools.similar.most_similar`).
+
+    Every kind of table has it, on any layout.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+    ...     [[1, 0], [0.9, 0.1], [0, 1]], np.float32)).with_vocabulary(
+    ...     ne.Vocabulary(["cat", "dog", "car"]))
+    >>> [(t, round(s, 4)) for t, s in table.quantized().most_similar("cat")]
+    [('dog', 0.9939), ('car', 0.0)]
+    """
+    # Deferred: most_similar (tools) is built on the table contract.
+    from named_embed._src.tools import similar
+
+    return similar.most_similar(self, positive, negative, topn, restrict_vocab)
+
   # ------------------------------------------------ files (file_layout.py)
 
   FILE_KIND: ClassVar[str | None] = None
@@ -171,10 +196,19 @@ def _fix(value: Any) -> str:
   if isinstance(value, pz.nn.EmbeddingTable):
     return (
       " This is penzai's own pz.nn.EmbeddingTable: convert it with"
-      " `ne.EmbeddingTable.from_pretrained(pz_table.embeddings.value,"
-      " vocabulary_axis=pz_table.vocabulary_axis)`."
+      " `ne.EmbeddingTable.from_penzai(pz_table)`, which keeps its"
+      " parameter (and label), or its frozen array, as they are."
     )
   inner = getattr(type(value), "__dataclass_fields__", {})
+  if "table" in inner and isinstance(
+    getattr(value, "table", None), pz.nn.EmbeddingTable
+  ):
+    return (
+      f" This is penzai's {type(value).__name__} layer over its own"
+      " pz.nn.EmbeddingTable: convert the table with"
+      " `ne.EmbeddingTable.from_penzai(layer.table)` and use it in"
+      " ne.EmbeddingLookup / ne.EmbeddingDecode."
+    )
   if "table" in inner and isinstance(
     getattr(value, "table", None), AbstractTable
   ):

@@ -272,6 +272,66 @@ class EmbeddingTable(pz.Struct, AbstractTable):
       value = pz.Parameter(value=value, label=f"{name}.embeddings")
     return cls(value, vocabulary_axis, padding_index)
 
+  @classmethod
+  def from_penzai(
+    cls,
+    pz_table: pz.nn.EmbeddingTable,
+    *,
+    vocabulary: Any = None,
+    padding_index: int | None = None,
+  ) -> EmbeddingTable:
+    """Converts penzai's own ``pz.nn.EmbeddingTable``, keeping what it holds.
+
+    A `pz.Parameter` stays the same parameter (object, label and value),
+    a `pz.ParameterValue` stays one, a plain `NamedArray` stays frozen and
+    a `pz.ParameterSlot` unbound; the vocabulary axis name and the
+    embedding axes are kept. See
+    `named_embed._src.files.converters.from_penzai`.
+
+    Args:
+      pz_table: The penzai table (e.g. ``lookup_layer.table``).
+      vocabulary: A `Vocabulary`, a path to ``vocab.txt`` /
+        ``tokenizer.json``, or None.
+      padding_index: The pad token's row, or None.
+
+    Example:
+
+    >>> import jax, named_embed as ne
+    >>> from penzai import pz
+    >>> pz_table = pz.nn.EmbeddingTable.from_config(
+    ...     name="embed", init_base_rng=jax.random.key(0), vocab_size=5,
+    ...     embedding_axes={"embedding": 3})
+    >>> table = ne.EmbeddingTable.from_penzai(pz_table)
+    >>> table.embeddings.label, table.frozen, table.embedding_axes
+    ('embed.embeddings', False, {'embedding': 3})
+    """
+    # Deferred: the converters (files) build on this module.
+    from named_embed._src.files import converters
+
+    return converters.from_penzai(
+      pz_table, vocabulary=vocabulary, padding_index=padding_index
+    )
+
+  def to_penzai(self) -> pz.nn.EmbeddingTable:
+    """Penzai's ``pz.nn.EmbeddingTable`` holding this table's array, as it
+    holds it (the same `pz.Parameter`, value, frozen array or slot).
+
+    Penzai's table has no pad row, vocabulary or recorded sharding: they
+    are not carried. A table with alignment rows is refused (`ValueError`).
+    See `named_embed._src.files.converters.to_penzai`.
+
+    >>> import numpy as np, named_embed as ne
+    >>> table = ne.EmbeddingTable.from_pretrained(np.ones((4, 2), np.float32),
+    ...                                           freeze=False)
+    >>> pz_table = table.to_penzai()
+    >>> type(pz_table).__module__, pz_table.embeddings.label
+    ('penzai.nn.embeddings', 'embeddings.embeddings')
+    """
+    # Deferred: the converters (files) build on this module.
+    from named_embed._src.files import converters
+
+    return converters.to_penzai(self)
+
   # -------------------------------------------------------------- properties
 
   @property

@@ -4,7 +4,10 @@ Queries name rows by token string (the table needs a `Vocabulary`), by id,
 by a list of either (batched over a new ``"query"`` axis), by an integer
 `NamedArray` of ids, or by vectors: a `NamedArray` holding the table's
 embedding axes plus any batch axes. Results are batched over those named
-axes. Everything runs in float32 (float64 for float64 inputs).
+axes, and searches return a `named_embed._src.tools.neighbors.Neighbors`
+(the ``(ids, scores)`` pair, shown as (token, score) lists). Everything
+runs in float32 (float64 for float64 inputs). gensim's ``most_similar``
+is `named_embed._src.tools.similar`, on the same search.
 
 Every kind of table works alike (`EmbeddingTable`, `QuantizedTable`,
 `LoraTable`, `TrainableRowsTable`), on one device or with its vocabulary
@@ -34,10 +37,10 @@ from penzai import pz
 
 from named_embed._src.rows import row_source
 from named_embed._src.tables.contract import AbstractTable, check_table
-from named_embed._src.tools import row_scan
+from named_embed._src.tools import neighbors, row_scan
 
 METRICS = ("cosine", "dot", "euclidean")
-NEIGHBOR_AXIS = "neighbor"
+NEIGHBOR_AXIS = neighbors.NEIGHBOR_AXIS
 QUERY_AXIS = "query"
 _EPS = 1e-12
 
@@ -50,7 +53,7 @@ def nearest(
   k: int = 10,
   metric: str = "cosine",
   exclude: str | int | Sequence[str | int] | None = None,
-) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+) -> neighbors.Neighbors:
   """The ``k`` rows closest to ``query``, best first.
 
   Token and id queries never return themselves (gensim's ``most_similar``);
@@ -70,8 +73,9 @@ def nearest(
     exclude: Tokens or ids never to return, besides the above.
 
   Returns:
-    ``(ids, scores)``: `NamedArray` s with the query's batch axes and a
-    ``"neighbor"`` axis of size ``min(k, vocab_size)``. If that exceeds
+    A `Neighbors`, the named tuple ``(ids, scores)`` of `NamedArray` s
+    with the query's batch axes and a ``"neighbor"`` axis of size
+    ``min(k, vocab_size)``, shown as (token, score) lists. If that exceeds
     the number of rows left, excluded rows fill the end with score ``-inf``
     (``inf`` distance).
 
@@ -101,9 +105,17 @@ def nearest(
   check_table(table, "ne.nearest")
   k = _check_k(table, k)
   metric = _check_metric(metric)
-  vectors, ids = _resolve(table, query)
-  excluded = [_row_id(table, item) for item in _as_list(exclude)]
-  return _search(table, vectors, ids, excluded, k, metric)
+  vectors, ids = resolve(table, query)
+  excluded = [row_id(table, item) for item in _as_list(exclude)]
+  return search(
+    table,
+    vectors,
+    ids,
+    excluded,
+    k,
+    metric,
+    labels=neighbors.query_labels(query),
+  )
 
 
 def similarity(
@@ -140,10 +152,10 @@ def similarity(
   """
   check_table(table, "ne.similarity")
   metric = _check_metric(metric)
-  left, _ = _resolve(table, a)
-  right, _ = _resolve(table, b)
+  left, _ = resolve(table, a)
+  right, _ = resolve(table, b)
   names = tuple(table.embedding_axes)
-  dtype = _accumulation_dtype(left, right)
+  dtype = accumulation_dtype(left, right)
 
   def pair(x, y):
     x, y = x.reshape(-1).astype(dtype), y.reshape(-1).astype(dtype)
@@ -161,7 +173,7 @@ def analogy(
   positive: Query | Sequence[Query],
   negative: Query | Sequence[Query] = (),
   k: int = 10,
-) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+) -> neighbors.Neighbors:
   """Word analogies, with gensim's ``most_similar(positive, negative)``.
 
   ``a - b + c`` is ``analogy(table, positive=[a, c], negative=[b])``: the
@@ -176,7 +188,8 @@ def analogy(
     k: Number of answers.
 
   Returns:
-    ``(ids, scores)`` as in `nearest`, scores being cosine similarities.
+    A `Neighbors` ``(ids, scores)`` as in `nearest`, scores being cosine
+    similarities.
 
   Raises:
     TypeError: if ``table`` is not a named_embed table.
@@ -200,15 +213,15 @@ def analogy(
   if not terms:
     raise ValueError("analogy() needs at least one positive or negative input.")
   names = tuple(table.embedding_axes)
-  resolved = [_resolve(table, item)[0] for item, _ in terms]
-  dtype = _accumulation_dtype(*resolved)
+  resolved = [resolve(table, item)[0] for item, _ in terms]
+  dtype = accumulation_dtype(*resolved)
   total = None
   for vectors, (_, weight) in zip(resolved, terms):
     unit = pz.nx.nmap(lambda v: _unit(v.astype(dtype)))(vectors.untag(*names))
     term = unit.tag(*names) * jnp.asarray(weight / len(terms), dtype)
     total = term if total is None else total + term
-  excluded = [_row_id(table, item) for item, _ in terms if _is_row(item)]
-  return _search(table, total, None, excluded, k, "cosine")
+  excluded = [row_id(table, item) for item, _ in terms if is_row(item)]
+  return search(table, total, None, excluded, k, "cosine")
 
 
 def _check_k(table: AbstractTable, k: int) -> int:
@@ -234,14 +247,29 @@ def _as_list(items: Any) -> list[Any]:
   return [items]
 
 
-def _is_row(item: Any) -> bool:
+def is_row(item: Any) -> bool:
+  """Whether ``item`` names one row: a token string or an int id (not a
+  bool).
+
+  >>> from named_embed._src.tools import inspection
+  >>> inspection.is_row("king"), inspection.is_row(3), inspection.is_row(True)
+  (True, True, False)
+  """
   if isinstance(item, bool):
     return False
   return isinstance(item, (str, int, np.integer))
 
 
-def _row_id(table: AbstractTable, item: str | int) -> int:
-  """The row of a token or id, checked: strict, never the unk row."""
+def row_id(table: AbstractTable, item: str | int) -> int:
+  """The row of a token or id, checked: strict, never the unk row.
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed._src.tools import inspection
+  >>> table = ne.EmbeddingTable.from_pretrained(np.eye(3, dtype=np.float32)
+  ...     ).with_vocabulary(ne.Vocabulary(["a", "b", "c"]))
+  >>> inspection.row_id(table, "b"), inspection.row_id(table, -1)
+  (1, 2)
+  """
   size = table.vocab_size
   if isinstance(item, str):
     vocabulary = table.vocabulary
@@ -256,7 +284,7 @@ def _row_id(table: AbstractTable, item: str | int) -> int:
         f"Token {item!r} is not in the table's vocabulary of {size} tokens."
       )
     return vocabulary.id(item)
-  if not _is_row(item):
+  if not is_row(item):
     raise TypeError(
       f"Expected a token string or an int id, got {type(item).__name__}"
       f" {item!r}."
@@ -266,9 +294,15 @@ def _row_id(table: AbstractTable, item: str | int) -> int:
   return int(item) % size
 
 
-def _accumulation_dtype(*arrays: Any) -> np.dtype:
+def accumulation_dtype(*arrays: Any) -> np.dtype:
   """float64 if any input (an array, or a row source) is float64, else
-  float32 (no promotion rules)."""
+  float32 (no promotion rules).
+
+  >>> import numpy as np
+  >>> from named_embed._src.tools import inspection
+  >>> inspection.accumulation_dtype(np.ones(2, np.float16))
+  dtype('float32')
+  """
   wide = any(np.dtype(array.dtype) == np.float64 for array in arrays)
   return np.dtype(np.float64 if wide else np.float32)
 
@@ -278,13 +312,23 @@ def _unit(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(norm, jnp.asarray(_EPS, x.dtype))
 
 
-def _resolve(
+def resolve(
   table: AbstractTable, query: Any
 ) -> tuple[pz.nx.NamedArrayBase, pz.nx.NamedArrayBase | None]:
-  """``(vectors, ids)`` of a query; ``ids`` is None for vector queries."""
+  """``(vectors, ids)`` of a query (see `nearest`): the rows of tokens and
+  ids, gathered through the table's row source, or the vectors checked;
+  ``ids`` is None for vector queries.
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed._src.tools import inspection
+  >>> table = ne.EmbeddingTable.from_pretrained(np.eye(3, dtype=np.float32))
+  >>> vectors, ids = inspection.resolve(table, [2, 0])
+  >>> vectors.named_shape, ids.named_shape
+  ({'query': 2, 'embedding': 3}, {'query': 2})
+  """
   if isinstance(query, (jax.Array, np.ndarray)):
     if jnp.issubdtype(query.dtype, jnp.integer) and query.ndim == 0:
-      # A numpy id goes by value (`_row_id`): jnp keeps 32 of int64's bits.
+      # A numpy id goes by value (`row_id`): jnp keeps 32 of int64's bits.
       query = query[()] if isinstance(query, np.ndarray) else pz.nx.wrap(query)
     elif jnp.issubdtype(query.dtype, jnp.floating):
       query = _wrap_vector(table, query)
@@ -293,10 +337,10 @@ def _resolve(
       ids = _check_ids(table, query)
       return _rows(table, ids), ids
     return _check_vectors(table, query), None
-  if _is_row(query):
-    ids = pz.nx.wrap(jnp.asarray(_row_id(table, query), jnp.int32))
-  elif isinstance(query, (list, tuple)) and query and all(map(_is_row, query)):
-    found = [_row_id(table, item) for item in query]
+  if is_row(query):
+    ids = pz.nx.wrap(jnp.asarray(row_id(table, query), jnp.int32))
+  elif isinstance(query, (list, tuple)) and query and all(map(is_row, query)):
+    found = [row_id(table, item) for item in query]
     ids = pz.nx.wrap(jnp.asarray(found, jnp.int32)).tag(QUERY_AXIS)
   else:
     raise TypeError(
@@ -405,21 +449,44 @@ class _SearchConfig:
   chunk_size: int
 
 
-def _search(
+def search(
   table: AbstractTable,
   vectors: pz.nx.NamedArrayBase,
   query_ids: pz.nx.NamedArrayBase | None,
   excluded: list[int],
   k: int,
   metric: str,
-) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
-  """Top-``k`` rows for every query vector; excluded rows score ``-inf``."""
+  *,
+  limit: int | None = None,
+  keep_padding: bool = False,
+  labels: tuple[str | int, ...] | None = None,
+) -> neighbors.Neighbors:
+  """Top-``k`` rows for every query vector (batched over its axes other
+  than the embedding axes), best first.
+
+  ``query_ids`` (one a query vector, or None) and ``excluded`` rows score
+  ``-inf``, as do the padding row (unless ``keep_padding``) and, with
+  ``limit``, every row from ``limit`` on; ``k`` must be at most the rows
+  searched. ``labels`` name the queries along ``"query"`` in the result.
+
+  >>> import numpy as np, named_embed as ne
+  >>> from penzai import pz
+  >>> from named_embed._src.tools import inspection
+  >>> table = ne.EmbeddingTable.from_pretrained(np.array(
+  ...     [[1, 0], [0.9, 0.1], [0, 1]], np.float32))
+  >>> query = pz.nx.wrap(np.array([1, 0], np.float32)).tag("embedding")
+  >>> found = inspection.search(table, query, None, [0], 2, "cosine")
+  >>> found.ids.unwrap("neighbor").tolist()
+  [1, 2]
+  >>> inspection.search(table, query, None, [], 1, "dot", limit=1).pairs()
+  [(0, 1.0)]
+  """
   source, arrays = table.row_parts()
   axes = tuple(table.embedding_axes)
   batch = tuple(n for n in vectors.named_shape if n not in axes)
   sizes = tuple(vectors.named_shape[n] for n in batch)
   count = math.prod(sizes)
-  dtype = _accumulation_dtype(source, vectors)
+  dtype = accumulation_dtype(source, vectors)
   queries = vectors.order_as(*batch, *axes).data_array
   queries = queries.reshape(count, -1).astype(dtype)
   if query_ids is None:
@@ -438,15 +505,21 @@ def _search(
     rows_sharding=table.rows_sharding,
     metric=metric,
     k=k,
-    vocab_size=table.vocab_size,
-    padding_index=table.padding_index,
+    vocab_size=table.vocab_size if limit is None else limit,
+    padding_index=None if keep_padding else table.padding_index,
     chunk_size=row_scan.chunk_rows(source, source.num_rows),
   )
   with jax.named_scope("named_embed.nearest"):
     best_ids, scores = _search_kernel(arrays, queries, ids, skip, config)
   best_ids = pz.nx.wrap(best_ids.reshape(*sizes, k)).tag(*batch, NEIGHBOR_AXIS)
   scores = pz.nx.wrap(scores.reshape(*sizes, k)).tag(*batch, NEIGHBOR_AXIS)
-  return best_ids, scores
+  return neighbors.Neighbors(
+    best_ids,
+    scores,
+    vocabulary=table.vocabulary,
+    metric=metric,
+    queries=labels if batch == (QUERY_AXIS,) else None,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=4)

@@ -4,8 +4,11 @@ Every kind of table's ``__treescope_repr__`` adds its summary line (its
 ``summary()``, via `summarize`: axes, dtype, padding row, and, for a float
 table, row-norm statistics) to penzai's usual struct rendering; `show`
 writes a page with the table's rows as lookups read them, labelled by
-token, and its treescope view. Nothing here asks which kind a table is:
-what differs comes from the table (``summary()``, ``row_parts()``).
+token, and its treescope view. When treescope draws arrays (in a
+notebook), a table's own arrays along its vocabulary axis are drawn the
+same way, a row a token (`named_embed._src.tools.token_rows`). Nothing here
+asks which kind a table is: what differs comes from the table
+(``summary()``, ``row_parts()``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from named_embed._src.base import norms as _norms
 from named_embed._src.base.vocabulary import Vocabulary
 from named_embed._src.rows import row_source, table_arrays
 from named_embed._src.tables.contract import AbstractTable, check_table
-from named_embed._src.tools import row_scan
+from named_embed._src.tools import row_scan, token_rows
 
 
 def show(
@@ -91,7 +94,7 @@ def show(
     value,
     rows=[table.vocabulary_axis],
     columns=list(table.embedding_axes),
-    axis_item_labels={table.vocabulary_axis: row_labels(table)},
+    axis_item_labels={table.vocabulary_axis: axis_labels(table)},
     truncate=math.prod(value.named_shape.values()) > max_cells,
     maximum_size=max_cells,
     cutoff_size_per_axis=max_cells,
@@ -258,7 +261,12 @@ def row_norm_statistics(
   ...     np.array([[0, 0], [3, 4]], np.float32)).padded_to_multiple(4)
   >>> ne.row_norm_statistics(table.quantized())
   (0.0, 2.5, 5.0)
+
+  Raises:
+    TypeError: if ``table`` is not a named_embed table (penzai's own
+      ``pz.nn.EmbeddingTable`` included: the message says how to convert it).
   """
+  check_table(table, "ne.row_norm_statistics")
   try:
     source, arrays = table.row_parts()
   except ValueError:  # unbound parameters
@@ -313,7 +321,12 @@ def treescope_repr(
   """penzai's rendering of a struct, plus the `summarize` line as a comment.
 
   The comment shows when the node is expanded, so ``repr(table)`` (one
-  line) is unchanged. Used by ``EmbeddingTable.__treescope_repr__``.
+  line) is unchanged. Used by every kind's ``__treescope_repr__``. When
+  treescope draws arrays (an active autovisualizer, as after
+  ``treescope.basic_interactive_setup(autovisualize_arrays=True)``), each
+  array of the table along its vocabulary axis (a plain table's rows, a
+  quantised table's codes and scales, LoRA's ``A``) is drawn as `show`
+  draws the rows: one row a token, labelled by it (`row_labels`).
 
   >>> import numpy as np, treescope, named_embed as ne
   >>> table = ne.EmbeddingTable.from_pretrained(np.ones((2, 1), np.float32))
@@ -335,7 +348,11 @@ def treescope_repr(
   children = rendering_parts.build_field_children(
     table,
     path,
-    _without_addresses(subtree_renderer),
+    token_rows.with_token_rows(
+      _without_addresses(subtree_renderer),
+      table.vocabulary_axis,
+      functools.partial(_rows_and_labels, table),
+    ),
     fields_or_attribute_names=fields,
     attr_style_fn=struct_handler.struct_attr_style_fn_for_fields(fields),
   )
@@ -366,3 +383,27 @@ def _without_addresses(subtree_renderer: Any) -> Any:
     return subtree_renderer(node, path=path)
 
   return render
+
+
+def axis_labels(table: AbstractTable) -> list[str]:
+  """`row_labels` for every row, alignment rows included (``"alignment
+  row i"``): the labels of a table's vocabulary axis.
+
+  >>> import numpy as np, named_embed as ne
+  >>> from named_embed._src.tools import rendering
+  >>> table = ne.EmbeddingTable.from_pretrained(np.ones((3, 1), np.float32))
+  >>> rendering.axis_labels(table.padded_to_multiple(4))
+  ['id 0', 'id 1', 'id 2', 'alignment row 3']
+  """
+  labels = row_labels(table)
+  extra = range(table.vocab_size, table.num_rows)
+  return labels + [f"alignment row {i}" for i in extra]
+
+
+def _rows_and_labels(table: AbstractTable) -> tuple[int, Any] | None:
+  """The number of rows and how to label them, or None when unbound."""
+  try:
+    num_rows = table.num_rows
+  except ValueError:  # an unbound parameter: no rows to draw
+    return None
+  return num_rows, functools.partial(axis_labels, table)

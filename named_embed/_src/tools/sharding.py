@@ -33,6 +33,9 @@ from named_embed._src.tables import contract
 from named_embed._src.tables.table import EmbeddingTable
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
+"""Where each named axis lives: axis name -> a mesh axis, a tuple of mesh
+axes, or None (replicated), e.g. ``{"vocabulary": "model", "batch": "data"}``.
+"""
 
 
 def _check_rules(mesh: Mesh, rules: Rules) -> None:
